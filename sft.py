@@ -1,0 +1,229 @@
+"""
+Supervised fine-tuning (the "w/ SFT" baseline of ECVGPO table 1), and the way
+the shipped tiny checkpoint is made:
+
+    python data/shapes/prepare.py
+    python sft.py                       # tiny Qwen2.5-VL from scratch -> checkpoints/tiny-shapes
+
+Teacher-forced cross-entropy on the answer tokens only, in exactly the answer
+formats the RL scripts reward (prompts and rewards are imported from grpo.py):
+  grounding  <think>...</think><answer>{"bbox_2d": [x1, y1, x2, y2]}</answer>   (the model's box convention)
+  reasoning  <think>...</think> \\boxed{answer}
+  detail     a single word (egg_ground.py's open-ended prompt)
+Three levers make referring learnable on a CPU (SPEC.md probes): a curriculum
+on the number of objects, soft labels on coordinate tokens (a Gaussian over
+neighbouring values), and the tiny template's query-before-image order.
+A fraction of examples drop the image (same target) so the model also learns
+the text-only prior p(o | q) that VICRA's score subtracts.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import vlm
+from grpo import PROMPTS, grounding_reward, load_image, load_rows, reasoning_reward
+
+DETAIL_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+RATIONALE = {"grounding": "Find {query}.", "reasoning": "I look at the shapes."}
+
+# ----------------------------------------------------------------------------
+# config: plain defaults, any of them overridable as --name value
+config = dict(
+    model="tiny",  # 'tiny' builds a fresh tiny Qwen2.5-VL; otherwise a path or hub id
+    data="data/shapes/grounding_train.jsonl,data/shapes/reasoning_train.jsonl,data/shapes/detail_train.jsonl",
+    val="data/shapes/grounding_val.jsonl,data/shapes/reasoning_val.jsonl,data/shapes/detail_val.jsonl",
+    mix="0.65,0.25,0.1",  # probability of a batch from each data file
+    out="checkpoints/tiny-shapes",
+    steps=3000, batch_size=32, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
+    curriculum=1500,  # steps over which grounding scenes ramp from 1 object to all (0: off)
+    soft_sigma=1.5,  # std of the Gaussian soft label over coordinate values (0: one-hot)
+    drop_image=0.1,  # fraction of examples trained without their image
+    eval_every=500, eval_n=100, seed=0, device="cuda" if torch.cuda.is_available() else "cpu", threads=0,
+)
+
+
+def parse_config(defaults, argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for k, v in defaults.items():
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
+        p.add_argument(f"--{k}", type=kind, default=v)
+    return vars(p.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------
+def prompt_of(row):
+    return DETAIL_PROMPT.format(**row) if row["task"] == "detail" else PROMPTS[row["task"]].format(**row)
+
+
+def target_of(row, fam, orig_wh, resized_wh):
+    if row["task"] == "grounding":
+        x1, y1, x2, y2 = vlm.from_pixels(row["box"], fam, orig_wh, resized_wh)
+        think = RATIONALE["grounding"].format(**row)
+        return f'<think>{think}</think><answer>{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}</answer>'
+    if row["task"] == "reasoning":
+        return f"<think>{RATIONALE['reasoning']}</think> \\boxed{{{row['answer']}}}"
+    return row["answer"]
+
+
+def encode_prompts(processor, rows, images, with_image):
+    """Left-padded prompt batch; rows without image get a text-only prompt."""
+    texts = [vlm.prompt(processor, prompt_of(r), image=w) for r, w in zip(rows, with_image)]
+    imgs = [im for im, w in zip(images, with_image) if w]
+    return processor(text=texts, images=imgs or None, padding=True, return_tensors="pt")
+
+
+def resized_sizes(processor, batch, with_image):
+    grids = iter(batch["image_grid_thw"]) if "image_grid_thw" in batch else iter(())
+    return [vlm.resized_size(processor, next(grids)) if w else None for w in with_image]
+
+
+def coordinate_soft_targets(tokenizer, sigma, max_value=1000):
+    """token id -> (neighbour ids, weights): a Gaussian over nearby coordinate values, same spelling."""
+    vocab, table = tokenizer.get_vocab(), {}
+    for space in ("", "\u0120"):  # byte-level BPE writes a leading space as U+0120
+        ids = {v: vocab[space + str(v)] for v in range(max_value + 1) if space + str(v) in vocab}
+        for v, i in ids.items():
+            near = [u for u in range(v - math.ceil(3 * sigma), v + math.ceil(3 * sigma) + 1) if u in ids]
+            w = torch.tensor([math.exp(-0.5 * ((u - v) / sigma) ** 2) for u in near])
+            table[i] = (torch.tensor([ids[u] for u in near]), w / w.sum())
+    return table
+
+
+def sft_batch(processor, fam, rows, with_image, device):
+    """input tensors + labels (-100 on prompt and padding) for teacher forcing."""
+    images = [load_image(r) for r in rows]
+    batch = encode_prompts(processor, rows, images, with_image)
+    tok = processor.tokenizer
+    targets = [target_of(r, fam, im.size, rs)
+               for r, im, rs in zip(rows, images, resized_sizes(processor, batch, with_image))]
+    comp = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in targets]
+    L = max(map(len, comp))
+    comp_ids = torch.full((len(rows), L), tok.pad_token_id)
+    comp_mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, c in enumerate(comp):
+        comp_ids[i, :len(c)], comp_mask[i, :len(c)] = torch.tensor(c), 1
+    P = batch["input_ids"].shape[1]
+    batch["input_ids"] = torch.cat([batch["input_ids"], comp_ids], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], comp_mask], 1)
+    batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp_ids)], 1)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, P:] = torch.where(comp_mask.bool(), comp_ids, -100)
+    return {k: v.to(device) for k, v in batch.items()}, labels.to(device)
+
+
+def sft_loss(model, batch, labels, soft):
+    logits = model(**batch).logits[:, :-1].float()
+    labels = labels[:, 1:]
+    valid = labels != -100
+    logp = F.log_softmax(logits[valid], -1)
+    y = labels[valid]
+    nll = -logp.gather(1, y[:, None])[:, 0]
+    if soft:  # coordinate tokens: cross-entropy against a Gaussian over neighbouring values
+        for k, t in enumerate(y.tolist()):
+            if t in soft:
+                ids, w = soft[t]
+                nll[k] = -(logp[k, ids.to(logp.device)] * w.to(logp.device)).sum()
+    return nll.mean()
+
+
+# ----------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, processor, rows, images, max_new_tokens=48, with_image=True):
+    """Greedy answers for a list of rows (text, resized (w, h) per row)."""
+    flags = [with_image] * len(rows)
+    batch = encode_prompts(processor, rows, images, flags).to(model.device)
+    out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
+    texts = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts, resized_sizes(processor, batch, flags)
+
+
+def score(row, text, fam, orig_wh, resized_wh):
+    """(accuracy metric, format ok) per row: Acc@0.5 for grounding, exact match otherwise."""
+    if row["task"] == "grounding":
+        _, fmt, iou_ = grounding_reward(text, row["box"], fam, orig_wh, resized_wh)
+        return float(iou_ > 0.5), fmt
+    if row["task"] == "reasoning":
+        _, fmt, acc = reasoning_reward(text, row["answer"])
+        return acc, fmt
+    return float(text.strip().rstrip(".").lower() == str(row["answer"]).lower()), 1.0
+
+
+def evaluate(model, processor, fam, rows, batch_size=32):
+    """{'acc': ..., 'format': ...} over rows, greedy decoding."""
+    model.eval()
+    acc = fmt = 0.0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        images = [load_image(r) for r in chunk]
+        texts, sizes = generate(model, processor, chunk, images)
+        for r, t, im, rs in zip(chunk, texts, images, sizes):
+            a, f = score(r, t, fam, im.size, rs)
+            acc, fmt = acc + a, fmt + f
+    model.train()
+    return dict(acc=acc / len(rows), format=fmt / len(rows))
+
+
+# ----------------------------------------------------------------------------
+if __name__ == "__main__":
+    cfg = parse_config(config)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    train = [load_rows(p) for p in cfg["data"].split(",")]
+    val = [load_rows(p)[:cfg["eval_n"]] for p in cfg["val"].split(",")]
+    mix = [float(x) for x in cfg["mix"].split(",")]
+    assert len(mix) == len(train), f"--mix has {len(mix)} weights for {len(train)} data files"
+    if cfg["model"] == "tiny":
+        corpus = [prompt_of(r) for rows in train for r in rows[:2000]]
+        corpus += [target_of(r, dict(box="resized_px"), (1, 1), (1, 1)) for rows in train for r in rows[:2000]]
+        corpus += ["user\n", "assistant\n"]
+        model, processor = vlm.build_tiny(corpus, seed=cfg["seed"])
+        model, fam = model.to(cfg["device"]), vlm.family(model)
+    else:
+        model, processor, fam = vlm.load(cfg["model"], cfg["device"])
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {fam}")
+    soft = coordinate_soft_targets(processor.tokenizer, cfg["soft_sigma"]) if cfg["soft_sigma"] > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    os.makedirs(cfg["out"], exist_ok=True)
+    log = open(os.path.join(cfg["out"], "sft_log.jsonl"), "w")
+    model.train()
+    t0 = time.time()
+    bar = tqdm(range(1, cfg["steps"] + 1), desc="sft")
+    for step in bar:
+        lr = cfg["lr"] * min(1.0, step / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        k = random.choices(range(len(train)), weights=mix)[0]
+        pool = train[k]
+        if pool[0]["task"] == "grounding" and cfg["curriculum"] and "n_objects" in pool[0]:
+            cap = 1 + int(min(1.0, step / cfg["curriculum"]) * 3.999)  # 1 object first, then more distractors
+            pool = [r for r in pool if r["n_objects"] <= cap] or pool
+        rows = random.sample(pool, min(cfg["batch_size"], len(pool)))
+        # grounding keeps its image: its target box needs the image's resized size
+        with_image = [r["task"] == "grounding" or random.random() >= cfg["drop_image"] for r in rows]
+        batch, labels = sft_batch(processor, fam, rows, with_image, cfg["device"])
+        loss = sft_loss(model, batch, labels, soft)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        rec = dict(step=step, task=pool[0]["task"], loss=loss.item(), lr=lr, minutes=(time.time() - t0) / 60)
+        bar.set_postfix(loss=f"{loss.item():.3f}", task=rec["task"][:4])
+        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
+            for rows_v in val:
+                m = evaluate(model, processor, fam, rows_v)
+                rec[f"val_{rows_v[0]['task']}_acc"], rec[f"val_{rows_v[0]['task']}_format"] = m["acc"], m["format"]
+            tqdm.write(json.dumps(rec))
+            model.save_pretrained(cfg["out"])  # save as we go: an interrupted run keeps its last eval's weights
+            processor.save_pretrained(cfg["out"])
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+    print(f"done in {(time.time() - t0) / 60:.1f} min -> {cfg['out']}")

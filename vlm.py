@@ -1,0 +1,191 @@
+"""
+The one shared module: load a vision-language model, or build the tiny one.
+
+    model, processor, fam = vlm.load("Qwen/Qwen2.5-VL-3B-Instruct", "cuda", torch.bfloat16)
+    model, processor, fam = vlm.load("checkpoints/tiny-shapes")     # the embedded default
+
+`fam` is a small per-family record: how the model writes boxes, and which
+module outputs the projected visual embeddings (what the LLM sees; egg_ground.py
+hooks it). `prompt()` builds a chat prompt with or without the image, and
+`to_pixels()` / `from_pixels()` convert boxes between the model's convention and
+pixels of the original image.
+
+`build_tiny()` makes a tiny Qwen2.5-VL fully offline (same class as
+Qwen2.5-VL-3B): a byte-level BPE tokenizer trained on a given corpus (so our
+fixed prompts are a few tokens, not hundreds of characters) that holds every
+coordinate value as one token, the Qwen special tokens, and a processor with a
+chat template. Everything else in the project only ever calls `load()`.
+"""
+import os
+
+import torch
+
+# Per-family record. box: the coordinate convention of the family's grounding
+# outputs -- 'resized_px' (absolute pixels of the image *after* the processor's
+# resize: Qwen2-VL, Qwen2.5-VL), 'norm1000' (0..1000 of the image: InternVL,
+# Qwen3-VL). visual: the module whose output is the projected visual
+# embeddings; its output is a tensor or a ModelOutput with `pooler_output`.
+FAMILIES = {
+    "qwen2_vl": dict(box="resized_px", visual="model.visual"),
+    "qwen2_5_vl": dict(box="resized_px", visual="model.visual"),
+    "qwen3_vl": dict(box="norm1000", visual="model.visual"),
+    "internvl": dict(box="norm1000", visual="model.multi_modal_projector"),
+}
+
+
+def family(model):
+    """The per-family record of a loaded model (raises, naming the type, if unknown)."""
+    t = model.config.model_type
+    if t not in FAMILIES:
+        raise ValueError(f"vlm.py knows no box convention / visual module for model_type '{t}'; "
+                         f"supported: {sorted(FAMILIES)}. Add an entry to vlm.FAMILIES.")
+    return dict(FAMILIES[t], model_type=t)
+
+
+def load(name_or_path, device="cpu", dtype=torch.float32):
+    """(model, processor, fam) for any HF image-text-to-text model, by local path or hub id."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".")
+    if looks_local and not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"model path '{name_or_path}' does not exist "
+                                "(the tiny default is made by sft.py, see README)")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:
+        raise OSError(f"cannot load model '{name_or_path}': not a local checkpoint and not reachable "
+                      f"on the hub (no network here?). {e}") from None
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(f"'{name_or_path}' is a '{config.model_type}' model, not an image-text-to-text "
+                         "model (AutoModelForImageTextToText cannot load it)")
+    if os.path.isdir(name_or_path) and not any(
+            os.path.exists(os.path.join(name_or_path, f)) for f in ("processor_config.json", "preprocessor_config.json")):
+        raise FileNotFoundError(f"'{name_or_path}' has no processor_config.json / preprocessor_config.json: "
+                                "save the processor with the model (processor.save_pretrained)")
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    return model, processor, family(model)
+
+
+def prompt(processor, text, image=True):
+    """Chat prompt string for one user turn (image then text), ready for generation."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def to_pixels(box, fam, orig_wh, resized_wh=None):
+    """A box in the family's convention -> pixels of the original image (floats)."""
+    (W, H), (x1, y1, x2, y2) = orig_wh, box
+    if fam["box"] == "resized_px":
+        # Qwen2.5-VL writes pixels of the resized image (grid_w*patch x grid_h*patch)
+        sx, sy = W / resized_wh[0], H / resized_wh[1]
+    elif fam["box"] == "norm1000":
+        sx, sy = W / 1000, H / 1000
+    else:
+        raise ValueError(f"unknown box convention {fam['box']}")
+    return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+
+
+def from_pixels(box, fam, orig_wh, resized_wh=None):
+    """Pixels of the original image -> the family's convention (rounded ints, as the model writes them)."""
+    (W, H), (x1, y1, x2, y2) = orig_wh, box
+    if fam["box"] == "resized_px":
+        sx, sy = resized_wh[0] / W, resized_wh[1] / H
+    elif fam["box"] == "norm1000":
+        sx, sy = 1000 / W, 1000 / H
+    else:
+        raise ValueError(f"unknown box convention {fam['box']}")
+    return [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
+
+
+def resized_size(processor, image_grid_thw):
+    """(w, h) in pixels of the image the model saw, from one row of image_grid_thw."""
+    patch = processor.image_processor.patch_size
+    _, gh, gw = (int(v) for v in image_grid_thw)
+    return gw * patch, gh * patch
+
+
+def visual_module(model, fam):
+    """The module whose output is the projected visual embeddings (for hooks)."""
+    m = model
+    for part in fam["visual"].split("."):
+        m = getattr(m, part)
+    return m
+
+
+# ----------------------------------------------------------------------------
+# The tiny Qwen2.5-VL, built offline
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+# The Qwen2-VL template, except the tiny model puts the text before the image:
+# with causal attention the image tokens then see the query, which a 4-layer
+# LM needs to learn referring expressions in CPU time (SPEC.md, third probe).
+# Real models keep their own templates.
+TINY_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, vocab_size=1024,
+               hidden=128, layers=4, heads=4, vision_hidden=128, vision_layers=2, patch=8):
+    """A tiny randomly initialised Qwen2.5-VL + processor (saved to out_dir if given).
+
+    corpus: strings the tokenizer's BPE merges are learnt from (prompts and answers).
+    Every integer 0..max_coord is forced to be a single token, with and without a
+    leading space: our probe found digits-as-characters do not learn boxes on a CPU.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 split: ' ?\d+' stays one piece
+    tok.decoder = decoders.ByteLevel()
+    numbers = [str(i) for i in range(max_coord + 1)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    # numbers are repeated so that the trainer always merges them into single tokens
+    tok.train_from_iterator(list(corpus) + [" ".join(numbers) + " " + ",".join(numbers)] * 50, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    ids = tokenizer.convert_tokens_to_ids
+    for n in numbers:  # one token per coordinate value, checked, not hoped for
+        for text in (n, " " + n):
+            assert len(tokenizer(text)["input_ids"]) == 1, f"coordinate {text!r} is not a single token"
+    size = dict(shortest_edge=(patch * 2) ** 2 * 4, longest_edge=(image_size * 2) ** 2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
+        video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
+        tokenizer=tokenizer, chat_template=TINY_TEMPLATE)
+    head_dim = hidden // heads
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         # 3-D multimodal rope: sections (t, h, w) must sum to head_dim / 2
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                              mrope_section=[head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]),
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=heads, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=hidden, window_size=image_size * 2,  # one window: all blocks see it all
+                           fullatt_block_indexes=list(range(vision_layers))),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    if out_dir:
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return model, processor
