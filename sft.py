@@ -39,13 +39,13 @@ config = dict(
     model="tiny",  # 'tiny' builds a fresh tiny Qwen2.5-VL; otherwise a path or hub id
     data="data/shapes/grounding_train.jsonl,data/shapes/reasoning_train.jsonl,data/shapes/detail_train.jsonl",
     val="data/shapes/grounding_val.jsonl,data/shapes/reasoning_val.jsonl,data/shapes/detail_val.jsonl",
-    mix="0.65,0.25,0.1",  # probability of a batch from each data file
+    mix="0.7,0.22,0.08",  # probability of a batch from each data file
     out="checkpoints/tiny-shapes",
-    steps=3000, batch_size=32, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
-    curriculum=1500,  # steps over which grounding scenes ramp from 1 object to all (0: off)
+    steps=2400, batch_size=16, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
+    curriculum=1000,  # steps over which grounding scenes ramp from 1 object to all (0: off)
     soft_sigma=1.5,  # std of the Gaussian soft label over coordinate values (0: one-hot)
     drop_image=0.1,  # fraction of examples trained without their image
-    eval_every=500, eval_n=100, seed=0, device="cuda" if torch.cuda.is_available() else "cpu", threads=0,
+    eval_every=600, eval_n=60, seed=0, device="cuda" if torch.cuda.is_available() else "cpu", threads=1,
 )
 
 

@@ -1,0 +1,101 @@
+"""sft.py: targets score as perfect answers, soft labels are what they claim, a few steps lower the loss,
+and the shipped tiny checkpoint sits in the stated Acc@0.5 band on the shapes grounding val split."""
+import os
+import random
+
+import pytest
+import torch
+
+import sft
+import vlm
+from data.shapes.prepare import make_split
+from grpo import grounding_reward, load_rows, reasoning_reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CKPT = os.path.join(ROOT, "checkpoints", "tiny-shapes")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Small train splits and the first 60 grounding val rows, regenerated (bytes equal the shipped seed's)."""
+    out = str(tmp_path_factory.mktemp("shapes"))
+    for task, split, n in [("grounding", "train", 16), ("reasoning", "train", 16), ("detail", "train", 8),
+                           ("grounding", "val", 60)]:
+        make_split(task, split, n, 0, out)
+    return {f"{t}_{s}": load_rows(os.path.join(out, f"{t}_{s}.jsonl"))
+            for t, s in [("grounding", "train"), ("reasoning", "train"), ("detail", "train"), ("grounding", "val")]}
+
+
+@pytest.fixture(scope="module")
+def tiny(shapes):
+    torch.set_num_threads(1)
+    rows = shapes["grounding_train"] + shapes["reasoning_train"] + shapes["detail_train"]
+    corpus = [sft.prompt_of(r) for r in rows] + [sft.target_of(r, vlm.FAMILIES["qwen2_5_vl"], (1, 1), (1, 1))
+                                                 for r in rows] + ["user\n", "assistant\n"]
+    model, processor = vlm.build_tiny(corpus, seed=0)
+    return model, processor, vlm.family(model)
+
+
+def test_targets_are_perfect_answers(shapes, tiny):
+    _, processor, fam = tiny
+    for r in shapes["grounding_train"][:5]:
+        wh = (r["width"], r["height"])
+        text = sft.target_of(r, fam, wh, wh)  # stored images are already multiples of 16: resized == original
+        total, fmt, acc = grounding_reward(text, r["box"], fam, wh, wh)
+        assert fmt == 1.0 and acc == pytest.approx(1.0)
+    for r in shapes["reasoning_train"][:5]:
+        assert reasoning_reward(sft.target_of(r, fam, None, None), r["answer"]) == (1.0, 1.0, 1.0)
+
+
+def test_soft_targets_are_gaussians_over_same_spelling_neighbours(tiny):
+    _, processor, _ = tiny
+    tok = processor.tokenizer
+    table = sft.coordinate_soft_targets(tok, sigma=1.5)
+    i40 = tok.convert_tokens_to_ids("40")
+    ids, w = table[i40]
+    values = [int(tok.convert_ids_to_tokens(int(j))) for j in ids]
+    assert values == list(range(35, 46))  # +-ceil(3 sigma), all without a leading space
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[values.index(40)] == w.max() and w[values.index(39)] == pytest.approx(w[values.index(41)].item())
+    ratio = (w[values.index(41)] / w[values.index(40)]).item()
+    assert ratio == pytest.approx(torch.exp(torch.tensor(-0.5 / 1.5 ** 2)).item(), rel=1e-5)
+    ids_sp, _ = table[tok.convert_tokens_to_ids("\u012040")]
+    assert all(tok.convert_ids_to_tokens(int(j)).startswith("\u0120") for j in ids_sp)
+
+
+def test_prompt_only_positions_carry_no_label(shapes, tiny):
+    _, processor, fam = tiny
+    rows = shapes["reasoning_train"][:3]
+    batch, labels = sft.sft_batch(processor, fam, rows, [True, False, True], "cpu")
+    tok = processor.tokenizer
+    for i, r in enumerate(rows):
+        ids = labels[i][labels[i] != -100].tolist()
+        assert tok.decode(ids) == sft.target_of(r, fam, None, None) + tok.eos_token
+    assert int((batch["input_ids"][1] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 0
+
+
+def test_a_few_steps_lower_the_loss(shapes, tiny):
+    model, processor, fam = tiny
+    torch.manual_seed(0)
+    rows = shapes["grounding_train"][:8]
+    soft = sft.coordinate_soft_targets(processor.tokenizer, 1.5)
+    batch, labels = sft.sft_batch(processor, fam, rows, [True] * len(rows), "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        loss = sft.sft_loss(model, batch, labels, soft)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses  # measured: 6.90 -> 4.16 in 12 steps
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(CKPT, "model.safetensors")), reason="no shipped checkpoint")
+def test_shipped_checkpoint_in_band(shapes):
+    """The band of issue 7: room for RL above, something to improve from below."""
+    torch.set_num_threads(1)
+    model, processor, fam = vlm.load(CKPT)
+    m = sft.evaluate(model, processor, fam, shapes["grounding_val"][:60])
+    print(f"shipped checkpoint on 60 grounding val rows: Acc@0.5 {m['acc']:.3f}, format {m['format']:.3f}")
+    assert 0.30 <= m["acc"] <= 0.85 and m["format"] >= 0.95

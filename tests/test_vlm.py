@@ -1,0 +1,109 @@
+"""vlm.py: the tiny build round-trips, both prompt kinds run, box conventions invert, errors name the input."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import vlm
+
+CORPUS = ["Please provide the bounding box of the red circle. <think> </think> <answer> </answer>",
+          '<think>Find the red circle.</think><answer>{"bbox_2d": [12, 40, 48, 76]}</answer>',
+          "How many red shapes are there? \\boxed{3}", "user\n", "assistant\n"] * 5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    path = str(tmp_path_factory.mktemp("tiny"))
+    model, processor = vlm.build_tiny(CORPUS, out_dir=path, seed=0)
+    return model.eval(), processor, path
+
+
+def image_inputs(processor, text, size=(100, 130)):
+    img = Image.new("RGB", size, (200, 40, 40))
+    return processor(text=[vlm.prompt(processor, text)], images=[img], return_tensors="pt")
+
+
+def test_round_trip_gives_identical_logits(tiny):
+    model, processor, path = tiny
+    loaded, processor2, fam = vlm.load(path)
+    assert fam["box"] == "resized_px" and fam["model_type"] == "qwen2_5_vl"
+    inputs = image_inputs(processor2, "the red circle")
+    with torch.no_grad():
+        a, b = model(**inputs).logits, loaded.eval()(**inputs).logits
+    assert torch.equal(a, b)
+    assert processor2.tokenizer.padding_side == "left"
+
+
+def test_text_only_and_image_prompts_run_on_one_model(tiny):
+    model, processor, _ = tiny
+    with_img = image_inputs(processor, "How many red shapes are there?")
+    text_only = processor(text=[vlm.prompt(processor, "How many red shapes are there?", image=False)],
+                          return_tensors="pt")
+    n_img = int((with_img["input_ids"] == model.config.image_token_id).sum())
+    grid = with_img["image_grid_thw"][0]
+    assert n_img == int(grid.prod()) // 4  # one token per 2x2 merged patch
+    assert int((text_only["input_ids"] == model.config.image_token_id).sum()) == 0
+    with torch.no_grad():
+        la, lb = model(**with_img).logits, model(**text_only).logits
+    assert torch.isfinite(la).all() and torch.isfinite(lb).all()
+    # the last (generation) position must depend on whether the image was there
+    assert not torch.allclose(la[0, -1], lb[0, -1])
+
+
+def test_every_coordinate_value_is_one_token(tiny):
+    _, processor, _ = tiny
+    tok = processor.tokenizer
+    for v in (0, 7, 42, 111, 255, 256):
+        assert len(tok(str(v), add_special_tokens=False)["input_ids"]) == 1
+        assert len(tok(f" {v}", add_special_tokens=False)["input_ids"]) == 1
+    text = '<answer>{"bbox_2d": [12, 40, 148, 76]}</answer>'
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_resized_size_is_grid_times_patch(tiny):
+    _, processor, _ = tiny
+    inputs = image_inputs(processor, "x", size=(100, 130))
+    w, h = vlm.resized_size(processor, inputs["image_grid_thw"][0])
+    assert (w % 16, h % 16) == (0, 0)  # patch 8 x merge 2
+    assert abs(w - 100) <= 16 and abs(h - 130) <= 16
+
+
+def test_box_conventions_by_hand():
+    qwen, intern = vlm.FAMILIES["qwen2_5_vl"], vlm.FAMILIES["internvl"]
+    # 100x130 original seen as 112x128: x scales by 112/100, y by 128/130
+    assert vlm.from_pixels([10, 20, 50, 65], qwen, (100, 130), (112, 128)) == [11, 20, 56, 64]
+    assert vlm.to_pixels([112, 128, 56, 64], qwen, (100, 130), (112, 128)) == pytest.approx([100, 130, 50, 65])
+    assert vlm.from_pixels([10, 20, 50, 65], intern, (100, 130)) == [100, 154, 500, 500]
+    assert vlm.to_pixels([100, 154, 500, 500], intern, (100, 130)) == pytest.approx([10, 20.02, 50, 65])
+
+
+def test_unknown_path_is_named():
+    with pytest.raises(FileNotFoundError, match="no/such/model"):
+        vlm.load("./no/such/model")
+
+
+def test_not_an_image_text_to_text_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="not an image-text-to-text"):
+        vlm.load(str(tmp_path))
+
+
+def test_missing_processor_file(tiny, tmp_path):
+    _, _, path = tiny
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    os.remove(copy / "processor_config.json")
+    with pytest.raises(FileNotFoundError, match="processor"):
+        vlm.load(str(copy))
+
+
+def test_unknown_family_is_named():
+    class Fake:
+        class config:
+            model_type = "blip"
+    with pytest.raises(ValueError, match="blip"):
+        vlm.family(Fake)
