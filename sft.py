@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vlm
-from grpo import PROMPTS, grounding_reward, load_image, load_rows, reasoning_reward
+from grpo import PROMPTS, evaluate, load_image, load_rows  # evaluate: greedy decoding, Acc@0.5 / accuracy
 
-DETAIL_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+DETAIL_PROMPT = PROMPTS["detail"]  # "{question}\nAnswer the question using a single word or phrase."
 RATIONALE = {"grounding": "Find {query}.", "reasoning": "I look at the shapes."}
 
 # ----------------------------------------------------------------------------
@@ -131,43 +131,6 @@ def sft_loss(model, batch, labels, soft):
                 ids, w = soft[t]
                 nll[k] = -(logp[k, ids.to(logp.device)] * w.to(logp.device)).sum()
     return nll.mean()
-
-
-# ----------------------------------------------------------------------------
-@torch.no_grad()
-def generate(model, processor, rows, images, max_new_tokens=48, with_image=True):
-    """Greedy answers for a list of rows (text, resized (w, h) per row)."""
-    flags = [with_image] * len(rows)
-    batch = encode_prompts(processor, rows, images, flags).to(model.device)
-    out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
-    texts = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return texts, resized_sizes(processor, batch, flags)
-
-
-def score(row, text, fam, orig_wh, resized_wh):
-    """(accuracy metric, format ok) per row: Acc@0.5 for grounding, exact match otherwise."""
-    if row["task"] == "grounding":
-        _, fmt, iou_ = grounding_reward(text, row["box"], fam, orig_wh, resized_wh)
-        return float(iou_ > 0.5), fmt
-    if row["task"] == "reasoning":
-        _, fmt, acc = reasoning_reward(text, row["answer"])
-        return acc, fmt
-    return float(text.strip().rstrip(".").lower() == str(row["answer"]).lower()), 1.0
-
-
-def evaluate(model, processor, fam, rows, batch_size=32):
-    """{'acc': ..., 'format': ...} over rows, greedy decoding."""
-    model.eval()
-    acc = fmt = 0.0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        images = [load_image(r) for r in chunk]
-        texts, sizes = generate(model, processor, chunk, images)
-        for r, t, im, rs in zip(chunk, texts, images, sizes):
-            a, f = score(r, t, fam, im.size, rs)
-            acc, fmt = acc + a, fmt + f
-    model.train()
-    return dict(acc=acc / len(rows), format=fmt / len(rows))
 
 
 # ----------------------------------------------------------------------------

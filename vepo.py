@@ -1,0 +1,672 @@
+"""
+VEPO: Vision-Entropy token selection for Policy Optimization, as a diff against grpo.py.
+
+    python vepo.py                                   # tiny Qwen2.5-VL, shapes reasoning split, CPU
+    python vepo.py --select entropy                  # Top-Entropy baseline (the "80/20" recipe)
+    torchrun --nproc_per_node 8 vepo.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   (notes/vepo.md)
+
+Paper (seed 002, arXiv 2606.03937): only its abstract, figure captions and a review survive, so the
+coupling below is OUR RECONSTRUCTION from them (SPEC.md "VEPO"), not the paper's published equations.
+What the seed states: Top-Entropy token selection misses vision-sensitive tokens whose entropy is low
+(figure 2: it misses ~41% of the Top-JSD tokens at k = 20%); VEPO runs a counterfactual forward with a
+noise-perturbed image, measures per token the Jensen-Shannon divergence and the entropy gap between the
+next-token distributions under the clean and the perturbed image, couples this visual sensitivity with
+the token entropy multiplicatively, and gives the policy gradient only to the top-k fraction of tokens.
+Our reconstruction, per completion token t (means over the batch's valid completion tokens):
+
+    JSD_t   = JS( pi(.|I, q, o_<t) || pi(.|I~, q, o_<t) )            I~: the perturbed image
+    dH_t    = H(pi(.|I, q, o_<t)) - H(pi(.|I~, q, o_<t))
+    V_t     = alpha * JSD_t / mean(JSD) + (1 - alpha) * |dH_t| / mean(|dH|)     visual sensitivity
+    score_t = H_t * V_t                                                       multiplicative coupling
+    A_t     = A_i if t is among the top round(k * n_valid) scores of the batch, else 0
+
+"The batch" is one rollout chunk (batch_size prompts x G samples) on one rank. Zeroing A_t (rather than
+masking the loss) keeps the KL term on every token and keeps GRPO's loss denominators: an unselected token
+still counts in its sequence's length, so the policy gradient is the selected tokens' share of GRPO's, not
+renormalised to them (on the tiny model that share is ~all of it: notes/vepo.md).
+--select entropy | vision | random give the Top-Entropy, vision-only (score = V) and Random-k baselines;
+all modes run the counterfactual pass, so the logged overlaps and step times are comparable.
+"""
+import argparse
+import collections
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import re
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import vlm
+
+# ----------------------------------------------------------------------------
+# config: plain defaults, any of them overridable as --name value (unknown flags are errors)
+config = dict(
+    model="checkpoints/tiny-shapes",  # local path or hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct
+    data="data/shapes/grounding_train.jsonl",  # comma-separated jsonl files; each row says its task
+    val="data/shapes/grounding_val.jsonl",
+    out_dir="out/grpo",
+    G=8,  # completions per prompt: the group
+    batch_size=4,  # prompts per chunk; one step = world_size * grad_accum chunks
+    grad_accum=1,
+    micro_batch_size=16,  # sequences per forward in the old-logprob pass and the update
+    max_new_tokens=64, temperature=1.0,
+    beta=0.04,  # weight of the k3 KL to the initial model; 0 loads no reference model
+    eps_low=0.2, eps_high=0.2,  # clip range [1 - eps_low, 1 + eps_high]; DAPO's clip-higher: --eps_high 0.28
+    mu=1,  # updates per rollout batch
+    loss_agg="seq-mean",  # seq-mean (VLM-R1, TRL) | token-mean (EasyR1, DAPO)
+    filter_groups=False,  # DAPO: drop groups whose rewards are all equal
+    steps=60, lr=1e-4, weight_decay=0.0, grad_clip=1.0,  # lr: tiny model; real models use 1e-6
+    gradient_checkpointing=False,
+    eval_every=20, val_n=100, save_every=20, resume=False, seed=0, wandb=False, wandb_project="vlm-entropy-rl",
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    dtype="bfloat16" if torch.cuda.is_available() else "float32",  # autocast dtype; weights stay float32
+    threads=0,  # torch CPU threads (0: torch's default)
+)
+
+
+# --- VEPO ------------------------------------------------------------------
+# VEPO defaults: the shapes reasoning split (counting, colour and shape questions: the answer needs the image)
+config.update(
+    data="data/shapes/reasoning_train.jsonl", val="data/shapes/reasoning_val.jsonl", out_dir="out/vepo",
+    select="vepo",  # vepo (H * V) | entropy (Top-Entropy) | vision (V alone) | random (Random-k)
+    k=0.2,  # fraction of the batch's valid completion tokens that receive the policy gradient
+    alpha=0.7,  # weight of JSD vs |dH| in V; the seed's ablation: at alpha >= 0.7, k = 0.2 is best
+    noise="gauss",  # the counterfactual image: gauss (pixel noise) | patch (blacken visual tokens, VPPO-style)
+    noise_std=0.5,  # gauss: std in 0..1 pixel units, before the processor's normalisation (notes/vepo.md)
+    mask_ratio=0.6,  # patch: fraction of visual tokens blackened
+)
+# --- end VEPO --------------------------------------------------------------
+def parse_config(defaults, argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for k, v in defaults.items():
+        if isinstance(v, bool):  # --flag, --flag true, --flag false
+            p.add_argument(f"--{k}", type=lambda s: s.lower() in ("1", "true", "yes"), default=v, nargs="?", const=True)
+        else:
+            p.add_argument(f"--{k}", type=type(v), default=v)
+    return vars(p.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------
+# data: one JSON object per line. Grounding rows carry `query` and `box`
+# (pixels of the original image), reasoning rows `question` and `answer`.
+# `image` is a path relative to the jsonl file's folder.
+NEEDS = {"grounding": ("image", "query", "box"), "reasoning": ("image", "question", "answer"),
+         "detail": ("image", "question", "answer")}
+
+
+def load_rows(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file '{path}' not found (the shapes data: python data/shapes/prepare.py)")
+    rows, root = [], os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            task = row.get("task", "grounding" if "box" in row and "query" in row else "reasoning")
+            missing = [k for k in NEEDS.get(task, ()) if k not in row]
+            if task not in NEEDS or missing:
+                raise ValueError(f"{path}:{n}: a '{task}' row needs fields {NEEDS.get(task)}; missing {missing}")
+            row["task"], row["image"], row["where"] = task, os.path.join(root, row["image"]), f"{path}:{n}"
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def load_image(row):
+    try:
+        return Image.open(row["image"]).convert("RGB")
+    except (OSError, ValueError) as e:  # missing file, truncated or not an image
+        raise OSError(f"{row['where']}: cannot read image '{row['image']}': {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):
+    return random.Random(f"{seed}-epoch-{epoch}").sample(range(n), n)
+
+
+def chunk_indices(n_rows, seed, pos, g, batch_size):
+    """Rows of global chunk g of a step that starts at data position pos. The data is a fixed permutation
+    per epoch; chunk g takes positions pos + g*B .. pos + (g+1)*B - 1, so a prompt (and its group of G
+    samples) lives in exactly one chunk, on one rank, whatever the world size."""
+    return [epoch_order(n_rows, seed, p // n_rows)[p % n_rows]
+            for p in range(pos + g * batch_size, pos + (g + 1) * batch_size)]
+
+
+def chunk_seed(seed, step, g):
+    """RNG seed of chunk g at a step: rollouts depend on (seed, step, g) only, never on the world size."""
+    return random.Random(f"{seed}-{step}-{g}").getrandbits(63)
+
+
+# Prompts: VLM-R1 for grounding, EasyR1 (VICRA appendix D) for reasoning, the open-ended
+# single-word prompt (egg_ground.py) for detail.
+PROMPTS = {
+    "grounding": ("Please provide the bounding box coordinates of the region this sentence describes: {query}. "
+                  "First output the thinking process in <think> </think> tags and then output the final answer "
+                  "in <answer> </answer> tags. Output the final answer in JSON format."),
+    "reasoning": ("{question} You FIRST think about the reasoning process as an internal monologue and then "
+                  "provide the final answer. The reasoning process MUST BE enclosed within <think> </think> tags. "
+                  "The final answer MUST BE put in \\boxed{{}}."),
+    "detail": "{question}\nAnswer the question using a single word or phrase.",
+}
+
+
+def prompt_text(row):
+    return PROMPTS[row["task"]].format(**row)
+
+
+# ----------------------------------------------------------------------------
+# rewards: (total, format, accuracy). Any parse failure scores 0, never raises.
+GROUNDING_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?\{.*\[\d+,\s*\d+,\s*\d+,\s*\d+\].*\}.*?</answer>",
+                              re.DOTALL)
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+BOX = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]")
+REASONING_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+
+
+def iou(a, b):
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parse_box(text):
+    """The first [x1,y1,x2,y2] inside the first <answer>...</answer>, or None."""
+    answer = ANSWER.search(text)
+    box = BOX.search(answer.group(1)) if answer else None
+    if not box:
+        return None
+    box = [float(v) for v in box.groups()]  # a 400-digit number parses as inf: rejected below
+    return box if all(map(math.isfinite, box)) and box[2] > box[0] and box[3] > box[1] else None
+
+
+def grounding_reward(text, gt_box, fam, orig_wh, resized_wh):
+    """format + IoU, with the predicted box moved from the model's convention to original pixels."""
+    fmt = 1.0 if GROUNDING_FORMAT.search(text) else 0.0
+    box = parse_box(text)
+    acc = iou(vlm.to_pixels(box, fam, orig_wh, resized_wh), gt_box) if box else 0.0
+    return fmt + acc, fmt, acc
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...}, braces balanced, or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def normalise(answer):
+    a = answer.strip().strip("$").strip().rstrip(".").strip().lower()
+    a = re.sub(r"^\\text\{(.*)\}$", r"\1", a)
+    try:
+        return float(a.replace(",", ""))  # numbers compare as numbers: "3" == "3.0"
+    except ValueError:
+        return a
+
+
+def reasoning_reward(text, answer):
+    """0.9 * accuracy + 0.1 * format (EasyR1)."""
+    fmt = 1.0 if REASONING_FORMAT.search(text) else 0.0
+    pred = last_boxed(text)
+    acc = 1.0 if pred is not None and normalise(pred) == normalise(str(answer)) else 0.0
+    return 0.9 * acc + 0.1 * fmt, fmt, acc
+
+
+def reward(row, text, fam, orig_wh, resized_wh):
+    """(total, format, accuracy) of one completion. resized_wh: the image the model saw (vlm.resized_size)."""
+    if row["task"] == "grounding":
+        return grounding_reward(text, row["box"], fam, orig_wh, resized_wh)
+    if row["task"] == "reasoning":
+        return reasoning_reward(text, row["answer"])
+    acc = float(text.strip().rstrip(".").lower() == str(row["answer"]).lower())  # detail: one word
+    return acc, 1.0, acc
+
+
+# ----------------------------------------------------------------------------
+# rollout: G completions per prompt, then the inputs of a teacher-forced forward over prompt + completion
+def encode(processor, rows, images, G=1):
+    """Left-padded prompt batch with every prompt repeated G times (prompt-major: rows j*G .. j*G+G-1 are
+    prompt j). We repeat *before* the processor: rows of pixel_values are patches, not images, so
+    repeating the processed tensor would silently pair images with the wrong prompts."""
+    texts = [vlm.prompt(processor, prompt_text(r)) for r in rows for _ in range(G)]
+    return processor(text=texts, images=[im for im in images for _ in range(G)], padding=True, return_tensors="pt")
+
+
+def with_completion(prompt, ids, mask):
+    """Prompt batch + completion tokens -> model inputs. All of input_ids, mm_token_type_ids (extended with
+    zeros: text) and image_grid_thw must be passed, or Qwen2.5-VL silently falls back to 1-D positions."""
+    x = dict(prompt)
+    x["input_ids"] = torch.cat([prompt["input_ids"], ids], 1)
+    x["attention_mask"] = torch.cat([prompt["attention_mask"], mask], 1)
+    if "mm_token_type_ids" in x:
+        x["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], x["mm_token_type_ids"].new_zeros(ids.shape)], 1)
+    return x
+
+
+@torch.no_grad()
+def rollout(model, processor, rows, images, G, max_new_tokens, temperature):
+    """Sample G completions per prompt (temperature 0: greedy). Returns (inputs, ids, mask, texts): model inputs
+    for prompt + completion, completion ids (N, T), mask (N, T) = 1 up to and including the first EOS, texts."""
+    prompt = encode(processor, rows, images, G).to(model.device)
+    # Sample from exactly softmax(logits / T): transformers adds top_k=50 by default and Qwen's own
+    # generation_config sets top_k, top_p and a repetition penalty; any of them breaks the ratio pi / pi_old.
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    out = model.generate(**prompt, max_new_tokens=max_new_tokens, repetition_penalty=1.0,
+                         suppress_tokens=placeholders(model), **sampling)
+    ids = out[:, prompt["input_ids"].shape[1]:]
+    eos = model.generation_config.eos_token_id
+    is_eos = torch.isin(ids, torch.tensor(eos if isinstance(eos, list) else [eos], device=ids.device)).long()
+    mask = (is_eos.cumsum(1) - is_eos == 0).long()  # no EOS strictly before t
+    texts = processor.batch_decode(ids.masked_fill(mask == 0, processor.tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    return with_completion(prompt, ids, mask), ids, mask, texts
+
+
+def take(inputs, rows):
+    """Rows `rows` (a slice) of a batch of model inputs with one image per row: pixel_values holds each
+    image's t*h*w patches one after another, so it is cut by image, not by row."""
+    out = {k: v[rows] for k, v in inputs.items() if k != "pixel_values"}
+    if "pixel_values" in inputs:
+        ends = F.pad(inputs["image_grid_thw"].prod(-1).cumsum(0), (1, 0)).tolist()
+        out["pixel_values"] = inputs["pixel_values"][ends[rows.start]:ends[rows.stop]]
+    return out
+
+
+def micro_batches(n, size):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def placeholders(model):
+    """Image/video placeholder ids. A sampled <|image_pad|> is an image slot without an image (the next
+    forward fails), so the policy is the model with these tokens removed: generate suppresses them and
+    token_logprobs renormalises without them."""
+    c = getattr(model, "module", model).config  # (DDP wraps the model)
+    return [i for i in (getattr(c, "image_token_id", None), getattr(c, "video_token_id", None)) if i is not None]
+
+
+# ----------------------------------------------------------------------------
+# per-token log-probs, advantages, loss
+def token_logprobs(model, inputs, ids, temperature, entropy=False):
+    """log pi(o_t | I, q, o_<t) of every completion token (N, T) and, if asked, the entropy of the whole
+    next-token distribution at t. Logits are divided by T: the samples came from softmax(logits / T)."""
+    # the logits at position P-1+t predict completion token t: keep the last T+1 positions, drop the final one
+    logits = model(**inputs, logits_to_keep=ids.shape[1] + 1).logits[:, :-1].float() / temperature
+    logits[..., placeholders(model)] = torch.finfo(logits.dtype).min  # not -inf: 0 * log 0 must stay 0
+    logp = logits.log_softmax(-1)
+    lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return lp, (-(logp.exp() * logp).sum(-1) if entropy else None)
+
+
+@torch.no_grad()
+def token_stats(model, inputs, ids, temperature, micro_batch_size):
+    """(log pi, entropy), each (N, T), of a whole chunk, micro-batched, no grad."""
+    parts = [token_logprobs(model, take(inputs, mb), ids[mb], temperature, entropy=True)
+             for mb in micro_batches(len(ids), micro_batch_size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# --- VEPO ------------------------------------------------------------------
+def next_token_logits(model, inputs, n, temperature):
+    """The (N, n, vocab) next-token logits / T at the n completion positions, as token_logprobs computes them."""
+    logits = model(**inputs, logits_to_keep=n + 1).logits[:, :-1].float() / temperature
+    logits[..., placeholders(model)] = torch.finfo(logits.dtype).min
+    return logits
+
+
+def jsd_from_logits(logits_p, logits_q):
+    """Jensen-Shannon divergence (nats, in [0, log 2]) of softmax(logits_p) and softmax(logits_q). Written as
+    sum_v m_v g(t_v) with m = (p + q) / 2, t = (p - q) / (p + q) = tanh((log p - log q) / 2) and
+    g(t) = ((1 + t) log(1 + t) + (1 - t) log(1 - t)) / 2 = t^2/2 + t^4/12 + ...: no O(1) terms cancel, so float32
+    resolves tiny divergences (the textbook KL(p||m) + KL(q||m) has a float32 floor near 1e-8). 0 log 0 = 0."""
+    lp, lq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+    lm, t = torch.logaddexp(lp, lq) - math.log(2), torch.tanh((lp - lq) / 2)
+    g = torch.where(t > -1, (1 + t) * torch.log1p(t), 0.0) + torch.where(t < 1, (1 - t) * torch.log1p(-t), 0.0)
+    return torch.where(lm > -math.inf, lm.exp() * g / 2, 0.0).sum(-1).clamp(0.0, math.log(2))
+
+
+def perturb_pixels(pixel_values, image_processor, noise, noise_std=0.5, mask_ratio=0.6, generator=None):
+    """The counterfactual image, made in the processor's output space, so the image size, the visual token
+    count and every position stay those of the clean image. Qwen2-VL pixel_values: one row per patch laid out
+    (channel, temporal copy, p, p); merge_size^2 consecutive rows form one visual token."""
+    ip, C = image_processor, len(image_processor.image_mean)
+    mean, std = (torch.tensor(v, dtype=pixel_values.dtype, device=pixel_values.device)[None, :, None, None]
+                 for v in (ip.image_mean, ip.image_std))
+    x = pixel_values.reshape(len(pixel_values), C, ip.temporal_patch_size, -1)
+    lo, hi = -mean / std, (1 - mean) / std  # pixel values 0 and 1 after normalisation
+    if noise == "gauss":  # one draw for both temporal copies: it is still one (noisy) image
+        eps = torch.randn(len(x), C, 1, x.shape[3], generator=generator).to(x)
+        x = torch.minimum(torch.maximum(x + eps * noise_std / std, lo), hi)
+    elif noise == "patch":  # blacken a random mask_ratio of the visual tokens (all their patches)
+        drop = torch.rand(len(x) // ip.merge_size ** 2, generator=generator) < mask_ratio
+        x = torch.where(drop.repeat_interleave(ip.merge_size ** 2).to(x.device)[:, None, None, None], lo, x)
+    else:
+        raise ValueError(f"--noise must be gauss or patch, not {noise!r}")
+    return x.reshape(pixel_values.shape)
+
+
+@torch.no_grad()
+def visual_signals(model, image_processor, inputs, ids, temperature, micro_batch_size, noise, noise_std,
+                   mask_ratio, generator=None):
+    """(JSD, H_clean - H_perturbed), each (N, T), micro-batched like token_stats: the same completions re-scored
+    with only pixel_values perturbed (same ids, mm_token_type_ids and image_grid_thw, so the same positions)."""
+    out, H = [], lambda z: -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)  # z: finite logits (placeholders finfo.min)
+    for mb in micro_batches(len(ids), micro_batch_size):
+        x = take(inputs, mb)
+        xp = dict(x, pixel_values=perturb_pixels(x["pixel_values"], image_processor, noise, noise_std,
+                                                 mask_ratio, generator))
+        lc, lp = (next_token_logits(model, y, ids.shape[1], temperature) for y in (x, xp))
+        out.append((jsd_from_logits(lc, lp), H(lc) - H(lp)))
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def vision_sensitivity(jsd, dH, mask, alpha):
+    """V = alpha * JSD / mean(JSD) + (1 - alpha) * |dH| / mean(|dH|), means over the valid tokens."""
+    m = mask.bool()
+    return (alpha * jsd / jsd[m].mean().clamp_min(1e-12)
+            + (1 - alpha) * dH.abs() / dH.abs()[m].mean().clamp_min(1e-12))
+
+
+def vepo_token_mask(entropy, jsd, dH, mask, alpha=0.7, k=0.2, select="vepo", generator=None):
+    """Bool (N, T): the round(k * n_valid) valid tokens with the highest score; padding is never chosen."""
+    m = mask.bool()
+    if select == "random":
+        score = torch.rand(m.shape, generator=generator).to(m.device)
+    elif select in ("vepo", "vision", "entropy"):
+        V = vision_sensitivity(jsd.float(), dH.float(), m, alpha) if select != "entropy" else 1.0
+        score = entropy.float() * V if select == "vepo" else (entropy.float() if select == "entropy" else V)
+    else:
+        raise ValueError(f"--select must be vepo, entropy, vision or random, not {select!r}")
+    top = score.masked_fill(~m, -math.inf).flatten().topk(round(k * int(m.sum()))).indices
+    return torch.zeros(m.numel(), dtype=torch.bool, device=m.device).index_fill_(0, top, True).view(m.shape)
+
+
+def overlap(a, b):
+    """|a & b| / |b|: the fraction of b's tokens that a also selects (1 - overlap = what a misses of b)."""
+    return (a & b).sum().item() / max(b.sum().item(), 1)
+
+
+def selection_stats(sel, entropy, jsd, dH, mask, alpha, k):
+    """Per batch: overlap of the selection with Top-Entropy / Top-Vision at the same k; what Top-Entropy misses
+    of Top-JSD and Top-|dH| (the seed's figure 2); mean entropy and V of selected vs unselected tokens."""
+    m, top = mask.bool(), lambda a, s: vepo_token_mask(entropy, jsd, dH, mask, a, k, s)
+    ent, V, rest = top(alpha, "entropy"), vision_sensitivity(jsd.float(), dH.float(), mask, alpha), m & ~sel
+    avg = lambda x, s: x[s].float().mean().item() if s.any() else float("nan")
+    return dict(ovl_entropy=overlap(sel, ent), ovl_vision=overlap(sel, top(alpha, "vision")),
+                ent_miss_jsd=1 - overlap(ent, top(1.0, "vision")), ent_miss_dh=1 - overlap(ent, top(0.0, "vision")),
+                H_sel=avg(entropy, sel), H_rest=avg(entropy, rest), V_sel=avg(V, sel), V_rest=avg(V, rest),
+                jsd=avg(jsd, m), dH=avg(dH.abs(), m))
+
+
+# --- end VEPO --------------------------------------------------------------
+def group_advantages(rewards, G):
+    """A_i = (r_i - mean_G r) / (std_G r + 1e-4) over each prompt's G consecutive samples (DeepSeekMath eq. 21;
+    std unbiased, as TRL and VLM-R1). A group whose rewards are all equal gets A = 0, never NaN."""
+    r = rewards.view(-1, G)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+def policy_loss(logp, logp_old, adv, mask, n_tok, n_seq, eps_low, eps_high, loss_agg, beta=0.0, logp_ref=None):
+    """PPO-clipped surrogate (+ beta * k3 KL) of one micro-batch, (N, T) tensors in, a scalar out.
+
+    loss_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t) + beta k3_t,  rho_t = pi / pi_old,
+    k3_t = pi_ref/pi - log(pi_ref/pi) - 1 >= 0 (Schulman's unbiased, low-variance KL estimator).
+    Normalised by GLOBAL counts (all micro-batches, chunks and ranks), so summing the micro-batch losses
+    gives the loss of the whole batch: token-mean = sum of token losses / n_tok; seq-mean = sum over
+    sequences of their mean token loss / n_seq. Returns (loss, #clipped tokens, sum of k3)."""
+    ratio = torch.exp(logp - logp_old)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    loss = -torch.minimum(ratio * adv, clipped)
+    k3 = torch.zeros_like(logp)
+    if beta > 0:
+        d = logp_ref - logp
+        k3 = torch.exp(d) - d - 1
+        loss = loss + beta * k3
+    if loss_agg == "token-mean":
+        total = (loss * mask).sum() / n_tok
+    else:
+        total = ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seq
+    is_clipped = (clipped < ratio * adv).float()  # the min took the clipped branch: no gradient from this token
+    return total, (is_clipped * mask).sum().item(), (k3 * mask).sum().item()
+
+
+def optimizer_step(model, opt, grad_clip, ok=True):
+    """Clip the gradient norm and step; skip (keeping weights and Adam state) if the norm is not finite.
+    Gradients are all-reduced before this, so every rank sees the same norm and makes the same choice."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    stepped = ok and math.isfinite(norm)
+    if stepped:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm, stepped
+
+
+# ----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, processor, fam, rows, batch_size=32, max_new_tokens=64):
+    """Greedy decoding: {'acc', 'format'}; acc is Acc@0.5 (IoU > 0.5) for grounding, accuracy otherwise."""
+    was_training, acc, fmt = model.training, 0.0, 0.0
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        images = [load_image(r) for r in chunk]
+        inputs, _, _, texts = rollout(model, processor, chunk, images, 1, max_new_tokens, temperature=0)
+        for r, im, t, thw in zip(chunk, images, texts, inputs["image_grid_thw"]):
+            _, f, a = reward(r, t, fam, im.size, vlm.resized_size(processor, thw))
+            acc, fmt = acc + (float(a > 0.5) if r["task"] == "grounding" else a), fmt + f
+    model.train(was_training)
+    return dict(acc=acc / len(rows), format=fmt / len(rows))
+
+
+def save(out_dir, model, processor, opt, step, pos):
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(dict(optimizer=opt.state_dict(), step=step, pos=pos, rng=rng), os.path.join(out_dir, "state.pt.tmp"))
+    os.replace(os.path.join(out_dir, "state.pt.tmp"), os.path.join(out_dir, "state.pt"))  # never half-written
+
+
+def all_sum(stats, device):
+    """Sum a dict of floats over ranks (a no-op in one process)."""
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+# ----------------------------------------------------------------------------
+if __name__ == "__main__":
+    cfg = parse_config(config)
+    assert cfg["loss_agg"] in ("seq-mean", "token-mean") and cfg["temperature"] > 0 and cfg["G"] >= 2
+    # DDP: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is a world of one
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cfg["device"] == "cuda" else cfg["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    # float32 master weights + autocast: a bf16 weight cannot absorb an lr-1e-6 update (its spacing is ~1e-2 relative)
+    dtype = getattr(torch, cfg["dtype"])
+    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    torch.manual_seed(cfg["seed"])
+    train = [r for p in cfg["data"].split(",") for r in load_rows(p)]
+    val = [load_rows(p)[:cfg["val_n"]] for p in cfg["val"].split(",")]
+    model, processor, fam = vlm.load(cfg["out_dir"] if cfg["resume"] else cfg["model"], device)
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the frozen initial policy for the KL term; not even loaded when beta == 0
+    ref = vlm.load(cfg["model"], device, dtype)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    step, pos = 0, 0  # optimizer steps done, prompts consumed (the data position)
+    if cfg["resume"]:
+        st = torch.load(os.path.join(cfg["out_dir"], "state.pt"), weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        step, pos, rng = st["step"], st["pos"], st["rng"]
+        torch.set_rng_state(rng["torch"]), random.setstate(rng["python"]), np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    B, G, T, A, mbs = cfg["batch_size"], cfg["G"], cfg["temperature"], cfg["grad_accum"], cfg["micro_batch_size"]
+    if master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w")
+        print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {fam}; {len(train)} "
+              f"prompts; a step = {world} ranks x {A} chunks x {B} prompts x {G} samples")
+        if cfg["wandb"]:
+            import wandb
+            wandb.init(project=cfg["wandb_project"], config=cfg, resume="allow")
+
+    def write(rec):
+        line = json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()})
+        log.write(line + "\n"), log.flush(), tqdm.write(line)
+        if cfg["wandb"]:
+            wandb.log(rec, step=rec["step"])
+
+    def validate():
+        with amp():
+            return {f"val_{rows[0]['task']}_{k}": v for rows in val
+                    for k, v in evaluate(model, processor, fam, rows, mbs, cfg["max_new_tokens"]).items()}
+
+    stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit; the ranks agree through the all-reduce
+
+    def request_stop(*_):
+        stop.append(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+    signal.signal(signal.SIGINT, request_stop), signal.signal(signal.SIGTERM, request_stop)
+    if master and step == 0 and cfg["eval_every"] > 0:
+        write(dict(step=0, **validate()))
+    for step in tqdm(range(step, cfg["steps"]), initial=step, total=cfg["steps"], disable=not master):
+        t0 = time.time()
+        # 1-2. rollout and reward, chunk by chunk; global chunk g = rank * grad_accum + a
+        model.eval()
+        chunks = []
+        for a in range(A):
+            g = rank * A + a
+            seed = chunk_seed(cfg["seed"], step, g)
+            torch.manual_seed(seed), random.seed(seed)
+            rows = [train[i] for i in chunk_indices(len(train), cfg["seed"], pos, g, B)]
+            images = [load_image(r) for r in rows]
+            with amp():
+                inputs, ids, mask, texts = rollout(model, processor, rows, images, G, cfg["max_new_tokens"], T)
+            rep = [(row, im) for row, im in zip(rows, images) for _ in range(G)]  # prompt-major, as sampled
+            r = torch.tensor([reward(row, text, fam, im.size, vlm.resized_size(processor, thw))
+                              for (row, im), text, thw in zip(rep, texts, inputs["image_grid_thw"])], device=device)
+            chunks.append(dict(rows=rows, images=images, inputs=inputs, ids=ids, mask=mask.float(), rewards=r))
+            # --- VEPO ------------------------------------------------------------------
+            chunks[-1]["vgen"] = torch.Generator().manual_seed(chunk_seed(cfg["seed"] + 1, step, g))  # noise, Random-k
+            # --- end VEPO --------------------------------------------------------------
+        t1 = time.time()
+        # 3. old pass: log pi_old and the policy's entropy at every sampled token (+ log pi_ref for the KL)
+        for c in chunks:
+            with amp():
+                c["logp_old"], c["entropy"] = token_stats(model, c["inputs"], c["ids"], T, mbs)
+                if ref is not None:
+                    c["logp_ref"] = token_stats(ref, c["inputs"], c["ids"], T, mbs)[0]
+                # --- VEPO ------------------------------------------------------------------
+                # counterfactual pass (no grad): the same completions re-scored under the perturbed image
+                t_v = time.time()
+                c["jsd"], c["dH"] = visual_signals(model, processor.image_processor, c["inputs"], c["ids"], T, mbs,
+                                                   cfg["noise"], cfg["noise_std"], cfg["mask_ratio"], c["vgen"])
+                c["t_vepo"] = time.time() - t_v
+                # --- end VEPO --------------------------------------------------------------
+        # 4. advantages: GRPO gives every token of completion i the same A_i
+        for c in chunks:
+            c["adv"] = group_advantages(c["rewards"][:, 0], G)[:, None] * c["mask"]  # (N, T)
+            # --- VEPO ------------------------------------------------------------------
+            # only the top-k tokens by H * V keep their advantage: the rest get no policy gradient (the KL stays)
+            sel = vepo_token_mask(c["entropy"], c["jsd"], c["dH"], c["mask"], cfg["alpha"], cfg["k"], cfg["select"],
+                                  c["vgen"])
+            c["adv"] = c["adv"] * sel
+            c["vepo"] = selection_stats(sel, c["entropy"], c["jsd"], c["dH"], c["mask"], cfg["alpha"], cfg["k"])
+            # --- end VEPO --------------------------------------------------------------
+            c["flat"] = c["rewards"][:, 0].view(-1, G).std(1) == 0  # all rewards equal: A = 0
+            c["loss_mask"] = c["mask"] * ~c["flat"].repeat_interleave(G)[:, None] if cfg["filter_groups"] else c["mask"]
+        S = collections.Counter()  # step statistics, summed over chunks, then over ranks
+        for c in chunks:
+            r, m = c["rewards"], c["mask"]
+            S.update(reward=r[:, 0].sum().item(), format=r[:, 1].sum().item(), accuracy=r[:, 2].sum().item(),
+                     seqs=len(r), tokens=m.sum().item(), entropy=(c["entropy"] * m).sum().item(),
+                     std0=c["flat"].sum().item(), groups=len(c["flat"]), loss_tokens=c["loss_mask"].sum().item(),
+                     loss_seqs=(c["loss_mask"].sum(1) > 0).sum().item())
+        # --- VEPO ------------------------------------------------------------------
+        for c in chunks:
+            S.update({f"vepo_{k}": v for k, v in c["vepo"].items()})
+        # --- end VEPO --------------------------------------------------------------
+        S = all_sum(S, device)  # the global counts normalise the loss
+        t2 = time.time()
+        # 5. update. With mu = 1 the policy still equals pi_old, so the ratio is 1 and clipping never
+        # activates: the loss is then the plain policy gradient of A * log pi (+ the KL term).
+        model.train()
+        U, norms = collections.Counter(stop=len(stop)), []
+        work = [(c, mb) for c in chunks for mb in micro_batches(len(c["ids"]), mbs)]
+        for _ in range(cfg["mu"]):
+            for k, (c, mb) in enumerate(work):
+                # DDP all-reduces gradients on the last backward only, and averages them: hence loss * world
+                with contextlib.nullcontext() if world == 1 or k == len(work) - 1 else ddp_model.no_sync():
+                    with amp():
+                        logp = token_logprobs(ddp_model, take(c["inputs"], mb), c["ids"][mb], T)[0]
+                    loss, clipped, kl = policy_loss(
+                        logp, c["logp_old"][mb], c["adv"][mb], c["loss_mask"][mb], max(S["loss_tokens"], 1),
+                        max(S["loss_seqs"], 1), cfg["eps_low"], cfg["eps_high"], cfg["loss_agg"], cfg["beta"],
+                        c["logp_ref"][mb] if ref is not None else None)
+                    (loss * world).backward()
+                U.update(loss=loss.item(), clipped=clipped, kl=kl)
+            norms.append(optimizer_step(model, opt, cfg["grad_clip"], ok=S["loss_seqs"] > 0))
+        U = all_sum(U, device)
+        pos += world * A * B
+        t3 = time.time()
+        # logging, eval, checkpoints: rank 0 only
+        if master:
+            n, mu, skipped = max(S["loss_tokens"], 1) * cfg["mu"], cfg["mu"], sum(not ok for _, ok in norms)
+            rec = dict(step=step + 1, reward=S["reward"] / S["seqs"], reward_format=S["format"] / S["seqs"],
+                       reward_accuracy=S["accuracy"] / S["seqs"], entropy=S["entropy"] / S["tokens"],
+                       length=S["tokens"] / S["seqs"], kl=U["kl"] / n, clip_frac=U["clipped"] / n,
+                       std0_frac=S["std0"] / S["groups"], loss=U["loss"] / mu, grad_norm=norms[-1][0],
+                       skipped=skipped, t_rollout=t1 - t0, t_old=t2 - t1, t_train=t3 - t2, t_step=t3 - t0,
+                       tokens_per_s=S["tokens"] / (t3 - t0))
+            if skipped:
+                tqdm.write(f"step {step + 1}: non-finite gradient norm or no group left: update skipped")
+            # --- VEPO ------------------------------------------------------------------
+            rec.update({k: v / (world * A) for k, v in S.items() if k.startswith("vepo_")},  # means over chunks
+                       t_vepo=sum(c["t_vepo"] for c in chunks))  # rank 0's counterfactual-pass time
+            # --- end VEPO --------------------------------------------------------------
+            last = step + 1 == cfg["steps"] or U["stop"] > 0
+            if cfg["eval_every"] > 0 and ((step + 1) % cfg["eval_every"] == 0 or last):
+                rec.update(validate())
+            write(rec)
+            if (cfg["save_every"] > 0 and (step + 1) % cfg["save_every"] == 0) or last:
+                save(cfg["out_dir"], model, processor, opt, step + 1, pos)
+        if U["stop"] > 0:
+            break
+    if world > 1:
+        dist.destroy_process_group()
