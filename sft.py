@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vlm
-from grpo import PROMPTS, evaluate, load_image, load_rows  # evaluate: greedy decoding, Acc@0.5 / accuracy
+from grpo import evaluate, load_image, load_rows, prompt_text  # evaluate: greedy decoding, Acc@0.5 / accuracy
 
-DETAIL_PROMPT = PROMPTS["detail"]  # "{question}\nAnswer the question using a single word or phrase."
 RATIONALE = {"grounding": "Find {query}.", "reasoning": "I look at the shapes."}
 
 # ----------------------------------------------------------------------------
@@ -58,10 +57,6 @@ def parse_config(defaults, argv=None):
 
 
 # ----------------------------------------------------------------------------
-def prompt_of(row):
-    return DETAIL_PROMPT.format(**row) if row["task"] == "detail" else PROMPTS[row["task"]].format(**row)
-
-
 def target_of(row, fam, orig_wh, resized_wh):
     if row["task"] == "grounding":
         x1, y1, x2, y2 = vlm.from_pixels(row["box"], fam, orig_wh, resized_wh)
@@ -74,7 +69,7 @@ def target_of(row, fam, orig_wh, resized_wh):
 
 def encode_prompts(processor, rows, images, with_image):
     """Left-padded prompt batch; rows without image get a text-only prompt."""
-    texts = [vlm.prompt(processor, prompt_of(r), image=w) for r, w in zip(rows, with_image)]
+    texts = [vlm.prompt(processor, prompt_text(r), image=w) for r, w in zip(rows, with_image)]
     imgs = [im for im, w in zip(images, with_image) if w]
     return processor(text=texts, images=imgs or None, padding=True, return_tensors="pt")
 
@@ -145,7 +140,7 @@ if __name__ == "__main__":
     mix = [float(x) for x in cfg["mix"].split(",")]
     assert len(mix) == len(train), f"--mix has {len(mix)} weights for {len(train)} data files"
     if cfg["model"] == "tiny":
-        corpus = [prompt_of(r) for rows in train for r in rows[:2000]]
+        corpus = [prompt_text(r) for rows in train for r in rows[:2000]]
         corpus += [target_of(r, dict(box="resized_px"), (1, 1), (1, 1)) for rows in train for r in rows[:2000]]
         corpus += ["user\n", "assistant\n"]
         model, processor = vlm.build_tiny(corpus, seed=cfg["seed"])

@@ -30,7 +30,7 @@ def shapes(tmp_path_factory):
 def tiny(shapes):
     torch.set_num_threads(1)
     rows = shapes["grounding_train"] + shapes["reasoning_train"] + shapes["detail_train"]
-    corpus = [sft.prompt_of(r) for r in rows] + [sft.target_of(r, vlm.FAMILIES["qwen2_5_vl"], (1, 1), (1, 1))
+    corpus = [sft.prompt_text(r) for r in rows] + [sft.target_of(r, vlm.FAMILIES["qwen2_5_vl"], (1, 1), (1, 1))
                                                  for r in rows] + ["user\n", "assistant\n"]
     model, processor = vlm.build_tiny(corpus, seed=0)
     return model, processor, vlm.family(model)
