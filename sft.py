@@ -40,11 +40,14 @@ config = dict(
     val="data/shapes/grounding_val.jsonl,data/shapes/reasoning_val.jsonl,data/shapes/detail_val.jsonl",
     mix="0.7,0.22,0.08",  # probability of a batch from each data file
     out="checkpoints/tiny-shapes",
-    steps=2400, batch_size=16, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
-    curriculum=1000,  # steps over which grounding scenes ramp from 1 object to all (0: off)
+    steps=5000, batch_size=16, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
+    vision_lr=0.1,  # the vision tower's lr as a fraction of lr (see below)
+    tiny_hidden=192, tiny_layers=3, rope_theta=3.0,  # only with --model tiny (vlm.build_tiny)
+    curriculum=2000,  # steps over which grounding scenes ramp from 1 object to all (0: off)
     soft_sigma=1.5,  # std of the Gaussian soft label over coordinate values (0: one-hot)
     drop_image=0.1,  # fraction of examples trained without their image
-    eval_every=600, eval_n=60, seed=0, device="cuda" if torch.cuda.is_available() else "cpu", threads=1,
+    eval_every=500, eval_n=60, seed=0, device="cuda" if torch.cuda.is_available() else "cpu",
+    threads=0,  # torch threads (0: torch's default); give side-by-side runs 1 each
 )
 
 
@@ -143,13 +146,20 @@ if __name__ == "__main__":
         corpus = [prompt_text(r) for rows in train for r in rows[:2000]]
         corpus += [target_of(r, dict(box="resized_px"), (1, 1), (1, 1)) for rows in train for r in rows[:2000]]
         corpus += ["user\n", "assistant\n"]
-        model, processor = vlm.build_tiny(corpus, seed=cfg["seed"])
+        model, processor = vlm.build_tiny(corpus, seed=cfg["seed"], hidden=cfg["tiny_hidden"],
+                                          layers=cfg["tiny_layers"], rope_theta=cfg["rope_theta"])
         model, fam = model.to(cfg["device"]), vlm.family(model)
     else:
         model, processor, fam = vlm.load(cfg["model"], cfg["device"])
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {fam}")
     soft = coordinate_soft_targets(processor.tokenizer, cfg["soft_sigma"]) if cfg["soft_sigma"] > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    # The vision tower trains at vision_lr x lr (LLaVA/Qwen-VL practice). At the full lr its output norm
+    # random-walks from ~1 to ~100 in a few hundred steps, while its gradient is still mostly noise (the
+    # model does not yet use the image), and the image tokens' residual stream drowns what attention adds.
+    visual = {id(p) for p in vlm.visual_module(model, fam).parameters()}
+    opt = torch.optim.AdamW([dict(params=[p for p in model.parameters() if id(p) not in visual], lr_scale=1.0),
+                             dict(params=[p for p in model.parameters() if id(p) in visual],
+                                  lr_scale=cfg["vision_lr"])], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     os.makedirs(cfg["out"], exist_ok=True)
     log = open(os.path.join(cfg["out"], "sft_log.jsonl"), "w")
     model.train()
@@ -158,7 +168,7 @@ if __name__ == "__main__":
     for step in bar:
         lr = cfg["lr"] * min(1.0, step / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         k = random.choices(range(len(train)), weights=mix)[0]
         pool = train[k]
         if pool[0]["task"] == "grounding" and cfg["curriculum"] and "n_objects" in pool[0]:

@@ -133,12 +133,17 @@ TINY_TEMPLATE = (
 
 
 def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, vocab_size=1024,
-               hidden=128, layers=4, heads=4, vision_hidden=128, vision_layers=2, patch=8):
+               hidden=128, layers=4, heads=4, vision_hidden=128, vision_layers=2, patch=8,
+               rope_theta=3.0):
     """A tiny randomly initialised Qwen2.5-VL + processor (saved to out_dir if given).
 
     corpus: strings the tokenizer's BPE merges are learnt from (prompts and answers).
     Every integer 0..max_coord is forced to be a single token, with and without a
     leading space: our probe found digits-as-characters do not learn boxes on a CPU.
+    rope_theta is 3, not 1e4: Qwen2.5-VL's 3-D rope gives (t, h, w) contiguous slices of
+    the head's frequencies theta^(-i/16) (head_dim 32), and w gets the lowest, i = 10..15.
+    At theta 1e4 those turn by < 0.02 rad across the 7 visual columns of a 112-px image, so
+    the decoder cannot tell columns apart; at theta 3 they turn by 2-3 rad.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
@@ -170,7 +175,7 @@ def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, voca
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          # 3-D multimodal rope: sections (t, h, w) must sum to head_dim / 2
-                         rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                         rope_parameters=dict(rope_type="default", rope_theta=rope_theta,
                                               mrope_section=[head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]),
                          bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                          pad_token_id=ids("<|endoftext|>")),

@@ -107,3 +107,18 @@ def test_unknown_family_is_named():
             model_type = "blip"
     with pytest.raises(ValueError, match="blip"):
         vlm.family(Fake)
+
+
+def test_tiny_rope_tells_visual_columns_apart(tiny):
+    """Qwen2.5-VL's 3-D rope gives the w axis the lowest frequencies of the head. In the tiny model
+    (7 visual columns at 112 px) they must turn by a radian or more from the first column to the last,
+    or the decoder has no positional signal for x; with the usual theta 1e4 they turn by < 0.02 rad."""
+    model, processor, _ = tiny
+    text = model.config.text_config
+    inv_freq = model.model.language_model.rotary_emb.inv_freq
+    assert inv_freq.numel() == text.hidden_size // text.num_attention_heads // 2
+    w_section = inv_freq[-text.rope_parameters["mrope_section"][2]:]  # sections are contiguous: t, h, w
+    cols = 112 // (2 * model.config.vision_config.patch_size)
+    assert (cols - 1) * w_section.min().item() > 1.0
+    usual = 1e4 ** (-torch.arange(inv_freq.numel()) * 2 / (2 * inv_freq.numel()))
+    assert (cols - 1) * usual[-len(w_section):].max().item() < 0.02
