@@ -19,9 +19,9 @@ import time
 
 import torch
 
-SCALES = {  # text / vision configs of the released checkpoints (config.json), and our tiny one
-    "tiny": (dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=True, mrope=[4, 6, 6], theta=3.0),
+SCALES = {  # text / vision configs of the released checkpoints (config.json), and of checkpoints/tiny-shapes
+    "tiny": (dict(hidden_size=192, intermediate_size=768, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=1021, tie_word_embeddings=True, mrope=[6, 9, 9], theta=3.0),
              dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=8,
                   window_size=224, fullatt_block_indexes=[0, 1])),
     "3b": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -53,15 +53,11 @@ def build(scale, dtype, device="cpu"):
                          rope_parameters=dict(rope_type="default", rope_theta=theta, mrope_section=mrope)),
         vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"]),
         tie_word_embeddings=text["tie_word_embeddings"], **ids)
-    with torch.device("meta"):  # shapes first, then random weights directly in the target dtype
+    # on "meta" only shapes exist (tests count parameters this way); elsewhere transformers' own init runs on
+    # the device (normal(0.02) weights, zero biases, unit norms, computed rope buffers), then the cast
+    with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(cfg)
-    if device == "meta":  # shapes only (tests count parameters this way)
-        return model, ids
-    model = model.to_empty(device="cpu").to(dtype)
-    torch.manual_seed(0)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
-    return model, ids
+    return (model if device == "meta" else model.to(dtype)), ids
 
 
 def inputs(model, ids, batch, prompt_tokens, image_px, device):
@@ -111,8 +107,7 @@ if __name__ == "__main__":
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     dev, dtype = cfg["device"], getattr(torch, cfg["dtype"])
-    model, ids = build(cfg["scale"], dtype)
-    model.to(dev)
+    model, ids = build(cfg["scale"], dtype, dev)
     if cfg["grad_ckpt"]:
         model.gradient_checkpointing_enable()
     px = cfg["image_px"] or (112 if cfg["scale"] == "tiny" else 448)
