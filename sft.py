@@ -42,7 +42,7 @@ config = dict(
     out="checkpoints/tiny-shapes",
     steps=5000, batch_size=16, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
     vision_lr=0.1,  # the vision tower's lr as a fraction of lr (see below)
-    tiny_hidden=192, tiny_layers=3, rope_theta=3.0,  # only with --model tiny (vlm.build_tiny)
+    tiny_hidden=192, tiny_layers=3, rope_theta=3.0, mrope_section="",  # only with --model tiny (vlm.build_tiny)
     curriculum=2000,  # steps over which grounding scenes ramp from 1 object to all (0: off)
     soft_sigma=1.5,  # std of the Gaussian soft label over coordinate values (0: one-hot)
     drop_image=0.1,  # fraction of examples trained without their image
@@ -147,7 +147,8 @@ if __name__ == "__main__":
         corpus += [target_of(r, dict(box="resized_px"), (1, 1), (1, 1)) for rows in train for r in rows[:2000]]
         corpus += ["user\n", "assistant\n"]
         model, processor = vlm.build_tiny(corpus, seed=cfg["seed"], hidden=cfg["tiny_hidden"],
-                                          layers=cfg["tiny_layers"], rope_theta=cfg["rope_theta"])
+                                          layers=cfg["tiny_layers"], rope_theta=cfg["rope_theta"],
+                                          mrope_section=[int(x) for x in cfg["mrope_section"].split(",") if x])
         model, fam = model.to(cfg["device"]), vlm.family(model)
     else:
         model, processor, fam = vlm.load(cfg["model"], cfg["device"])

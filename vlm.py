@@ -134,7 +134,7 @@ TINY_TEMPLATE = (
 
 def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, vocab_size=1024,
                hidden=128, layers=4, heads=4, vision_hidden=128, vision_layers=2, patch=8,
-               rope_theta=3.0):
+               rope_theta=3.0, mrope_section=None):
     """A tiny randomly initialised Qwen2.5-VL + processor (saved to out_dir if given).
 
     corpus: strings the tokenizer's BPE merges are learnt from (prompts and answers).
@@ -176,7 +176,8 @@ def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, voca
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          # 3-D multimodal rope: sections (t, h, w) must sum to head_dim / 2
                          rope_parameters=dict(rope_type="default", rope_theta=rope_theta,
-                                              mrope_section=[head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]),
+                                              mrope_section=list(mrope_section or [head_dim // 8, head_dim * 3 // 16,
+                                                                                  head_dim * 3 // 16])),
                          bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                          pad_token_id=ids("<|endoftext|>")),
         vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
