@@ -144,6 +144,8 @@ def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, voca
     the head's frequencies theta^(-i/16) (head_dim 32), and w gets the lowest, i = 10..15.
     At theta 1e4 those turn by < 0.02 rad across the 7 visual columns of a 112-px image, so
     the decoder cannot tell columns apart; at theta 3 they turn by 2-3 rad.
+    mrope_section (t, h, w) defaults to real Qwen2.5-VL's 1 : 1.5 : 1.5 split of head_dim / 2;
+    notes/sft.md has probes with other splits (none shipped).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
@@ -170,14 +172,15 @@ def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, voca
         video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
         tokenizer=tokenizer, chat_template=TINY_TEMPLATE)
     head_dim = hidden // heads
+    sections = list(mrope_section or [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16])  # (t, h, w)
+    if len(sections) != 3 or sum(sections) != head_dim // 2:
+        raise ValueError(f"mrope_section {sections}: need 3 sections summing to head_dim / 2 = {head_dim // 2}")
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=2048, tie_word_embeddings=True,
-                         # 3-D multimodal rope: sections (t, h, w) must sum to head_dim / 2
                          rope_parameters=dict(rope_type="default", rope_theta=rope_theta,
-                                              mrope_section=list(mrope_section or [head_dim // 8, head_dim * 3 // 16,
-                                                                                  head_dim * 3 // 16])),
+                                              mrope_section=sections),
                          bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                          pad_token_id=ids("<|endoftext|>")),
         vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,

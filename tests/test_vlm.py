@@ -109,6 +109,22 @@ def test_unknown_family_is_named():
         vlm.family(Fake)
 
 
+def test_tiny_mrope_section_is_used_and_checked():
+    """build_tiny(mrope_section=...) must reach the decoder's rope: moving a token one column to the
+    right (w + 1) changes exactly the w section, the last pairs of the head; bad sections name themselves."""
+    with pytest.raises(ValueError, match=r"mrope_section \[2, 3, 10\]"):
+        vlm.build_tiny(CORPUS, mrope_section=[2, 3, 10])  # head_dim 32 needs 16
+    model, _ = vlm.build_tiny(CORPUS, mrope_section=[2, 3, 11])
+    rope = model.model.language_model.rotary_emb
+    pos = torch.full((3, 1, 1), 5)  # (t, h, w) x batch x sequence
+    right = pos.clone()
+    right[2] += 1
+    cos, _ = rope(torch.zeros(1), pos)
+    cos_right, _ = rope(torch.zeros(1), right)
+    changed = ((cos - cos_right).abs()[0, 0, :16] > 1e-6).tolist()  # cos repeats its 16 pairs twice
+    assert changed == [False] * 5 + [True] * 11
+
+
 def test_tiny_rope_tells_visual_columns_apart(tiny):
     """Qwen2.5-VL's 3-D rope gives the w axis the lowest frequencies of the head. In the tiny model
     (7 visual columns at 112 px) they must turn by a radian or more from the first column to the last,
