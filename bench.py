@@ -79,19 +79,19 @@ def inputs(model, ids, batch, prompt_tokens, image_px, device):
 
 def timed(fn, device, repeats):
     """(median seconds, peak GiB allocated) over repeats calls after one warm-up call."""
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # GPU kernels are asynchronous
     fn()
     times = []
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None  # CPU: not measured
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None  # CPU: not measured
     return sorted(times)[len(times) // 2], peak
 
 
