@@ -123,11 +123,12 @@ def sft_loss(model, batch, labels, soft):
     logp = F.log_softmax(logits[valid], -1)
     y = labels[valid]
     nll = -logp.gather(1, y[:, None])[:, 0]
-    if soft:  # coordinate tokens: cross-entropy against a Gaussian over neighbouring values
-        for k, t in enumerate(y.tolist()):
-            if t in soft:
-                ids, w = soft[t]
-                nll[k] = -(logp[k, ids.to(logp.device)] * w.to(logp.device)).sum()
+    coord = [(k, *soft[t]) for k, t in enumerate(y.tolist()) if t in soft] if soft else []
+    if coord:  # coordinate tokens: cross-entropy against a Gaussian over neighbouring values
+        k = torch.tensor([c[0] for c in coord], device=logp.device)
+        ids = torch.nn.utils.rnn.pad_sequence([c[1] for c in coord], batch_first=True).to(logp.device)
+        w = torch.nn.utils.rnn.pad_sequence([c[2] for c in coord], batch_first=True).to(logp.device)  # pads weigh 0
+        nll = nll.index_put((k,), -(logp[k].gather(1, ids) * w).sum(1))
     return nll.mean()
 
 
