@@ -83,15 +83,23 @@ def resized_sizes(processor, batch, with_image):
 
 
 def coordinate_soft_targets(tokenizer, sigma, max_value=1000):
-    """token id -> (neighbour ids, weights): a Gaussian over nearby coordinate values, same spelling."""
-    vocab, table = tokenizer.get_vocab(), {}
+    """(ids, weights), both (vocab, K): row t is token t's target distribution. Coordinate tokens get a
+    Gaussian over nearby values of the same spelling; every other token is one-hot (itself, weight 1; the
+    padding entries of a row repeat the token with weight 0). One table, so the loss is one gather."""
+    vocab, r = tokenizer.get_vocab(), math.ceil(3 * sigma)
+    V = max(len(tokenizer), max(vocab.values()) + 1)
+    ids = torch.arange(V)[:, None].repeat(1, 2 * r + 1)
+    w = torch.zeros(V, 2 * r + 1)
+    w[:, 0] = 1.0
     for space in ("", "\u0120"):  # byte-level BPE writes a leading space as U+0120
-        ids = {v: vocab[space + str(v)] for v in range(max_value + 1) if space + str(v) in vocab}
-        for v, i in ids.items():
-            near = [u for u in range(v - math.ceil(3 * sigma), v + math.ceil(3 * sigma) + 1) if u in ids]
-            w = torch.tensor([math.exp(-0.5 * ((u - v) / sigma) ** 2) for u in near])
-            table[i] = (torch.tensor([ids[u] for u in near]), w / w.sum())
-    return table
+        num = {v: vocab[space + str(v)] for v in range(max_value + 1) if space + str(v) in vocab}
+        for v, i in num.items():
+            near = [u for u in range(v - r, v + r + 1) if u in num]
+            g = torch.tensor([math.exp(-0.5 * ((u - v) / sigma) ** 2) for u in near])
+            ids[i, :len(near)] = torch.tensor([num[u] for u in near])
+            w[i] = 0.0
+            w[i, :len(near)] = g / g.sum()
+    return ids, w
 
 
 def sft_batch(processor, fam, rows, with_image, device):
@@ -122,13 +130,11 @@ def sft_loss(model, batch, labels, soft):
     valid = labels != -100
     logp = F.log_softmax(logits[valid], -1)
     y = labels[valid]
-    nll = -logp.gather(1, y[:, None])[:, 0]
-    coord = [(k, *soft[t]) for k, t in enumerate(y.tolist()) if t in soft] if soft else []
-    if coord:  # coordinate tokens: cross-entropy against a Gaussian over neighbouring values
-        k = torch.tensor([c[0] for c in coord], device=logp.device)
-        ids = torch.nn.utils.rnn.pad_sequence([c[1] for c in coord], batch_first=True).to(logp.device)
-        w = torch.nn.utils.rnn.pad_sequence([c[2] for c in coord], batch_first=True).to(logp.device)  # pads weigh 0
-        nll = nll.index_put((k,), -(logp[k].gather(1, ids) * w).sum(1))
+    if soft is None:
+        nll = -logp.gather(1, y[:, None])[:, 0]
+    else:  # cross-entropy against each token's target distribution: a Gaussian for coordinates, else one-hot
+        ids, w = soft
+        nll = -(logp.gather(1, ids[y]) * w[y]).sum(1)
     return nll.mean()
 
 
@@ -154,7 +160,9 @@ if __name__ == "__main__":
     else:
         model, processor, fam = vlm.load(cfg["model"], cfg["device"])
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {fam}")
-    soft = coordinate_soft_targets(processor.tokenizer, cfg["soft_sigma"]) if cfg["soft_sigma"] > 0 else None
+    soft = None
+    if cfg["soft_sigma"] > 0:
+        soft = tuple(t.to(cfg["device"]) for t in coordinate_soft_targets(processor.tokenizer, cfg["soft_sigma"]))
     # The vision tower trains at vision_lr x lr (LLaVA/Qwen-VL practice). At the full lr its output norm
     # random-walks from ~1 to ~100 in a few hundred steps, while its gradient is still mostly noise (the
     # model does not yet use the image), and the image tokens' residual stream drowns what attention adds.

@@ -51,17 +51,19 @@ def test_targets_are_perfect_answers(shapes, tiny):
 def test_soft_targets_are_gaussians_over_same_spelling_neighbours(tiny):
     _, processor, _ = tiny
     tok = processor.tokenizer
-    table = sft.coordinate_soft_targets(tok, sigma=1.5)
+    ids_t, w_t = sft.coordinate_soft_targets(tok, sigma=1.5)
     i40 = tok.convert_tokens_to_ids("40")
-    ids, w = table[i40]
+    ids, w = ids_t[i40], w_t[i40]
     values = [int(tok.convert_ids_to_tokens(int(j))) for j in ids]
     assert values == list(range(35, 46))  # +-ceil(3 sigma), all without a leading space
     assert w.sum().item() == pytest.approx(1.0)
     assert w[values.index(40)] == w.max() and w[values.index(39)] == pytest.approx(w[values.index(41)].item())
     ratio = (w[values.index(41)] / w[values.index(40)]).item()
     assert ratio == pytest.approx(torch.exp(torch.tensor(-0.5 / 1.5 ** 2)).item(), rel=1e-5)
-    ids_sp, _ = table[tok.convert_tokens_to_ids("\u012040")]
+    ids_sp = ids_t[tok.convert_tokens_to_ids("\u012040")]
     assert all(tok.convert_ids_to_tokens(int(j)).startswith("\u0120") for j in ids_sp)
+    i_box = tok.convert_tokens_to_ids("answer")  # any other token: one-hot on itself
+    assert ids_t[i_box, 0] == i_box and w_t[i_box].tolist() == [1.0] + [0.0] * (w_t.shape[1] - 1)
 
 
 def test_prompt_only_positions_carry_no_label(shapes, tiny):
@@ -122,11 +124,12 @@ def test_shipped_checkpoint_in_band(shipped_metrics):
 def test_soft_loss_matches_a_token_by_token_reference(tiny):
     """sft_loss gathers every coordinate token's Gaussian at once; check it against the plain per-token sum."""
     _, processor, _ = tiny
-    soft = sft.coordinate_soft_targets(processor.tokenizer, 1.5)
+    tok = processor.tokenizer
+    soft = sft.coordinate_soft_targets(tok, 1.5)
     torch.manual_seed(0)
-    V = len(processor.tokenizer)
+    V = len(tok)
     logits = torch.randn(2, 9, V)
-    coords = list(soft)[:5]
+    coords = tok.convert_tokens_to_ids(["0", "40", "\u0120256", "\u012041", "7"])  # "0": a clipped Gaussian
     labels = torch.tensor([[-100, -100, coords[0], 7, coords[1], coords[2], 11, -100, -100],
                            [-100, 3, coords[3], 9, 9, coords[4], coords[0], 5, 2]])
     fake = lambda **_: types.SimpleNamespace(logits=logits)  # noqa: E731
@@ -136,8 +139,12 @@ def test_soft_loss_matches_a_token_by_token_reference(tiny):
         for t in range(8):
             y = int(labels[i, t + 1])
             if y != -100:
-                ids, w = soft.get(y, (torch.tensor([y]), torch.tensor([1.0])))
-                ref.append(-(logp[i, t, ids] * w).sum())
+                if tok.convert_ids_to_tokens(y).lstrip("\u0120").isdigit():
+                    ids, w = soft[0][y], soft[1][y]
+                    assert len(set(ids[w > 0].tolist())) > 1
+                    ref.append(-(logp[i, t, ids] * w).sum())
+                else:
+                    ref.append(-logp[i, t, y])
     assert sft.sft_loss(fake, {}, labels, soft).item() == pytest.approx(torch.stack(ref).mean().item(), rel=1e-6)
     plain = torch.stack([-logp[i, t, int(labels[i, t + 1])] for i in range(2) for t in range(8) if labels[i, t + 1] != -100])
     assert sft.sft_loss(fake, {}, labels, None).item() == pytest.approx(plain.mean().item(), rel=1e-6)
