@@ -17,7 +17,6 @@ bind answers with either object's attribute: correct ~ 0.5 + 0.5 P(both objects 
 import collections
 import json
 import os
-import re
 import sys
 
 import torch
@@ -27,7 +26,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data", "shapes"))
 import prepare  # noqa: E402
 import vlm  # noqa: E402
-from grpo import load_image, load_rows, rollout  # noqa: E402
+from grpo import last_boxed, load_image, load_rows, normalise, rollout  # noqa: E402
 
 QTYPES = ("colour_of_shape", "shape_of_colour")
 
@@ -67,8 +66,8 @@ def score(ckpt, path=os.path.join(ROOT, "data", "shapes", "bind2_eval.jsonl")):
         chunk = rows[i:i + 32]
         _, _, _, texts = rollout(model, processor, chunk, [load_image(r) for r in chunk], 1, 64, temperature=0)
         for r, text in zip(chunk, texts):
-            m = re.findall(r"\\boxed\{([^}]*)\}", text)
-            answer = m[-1].strip().lower() if m else None
+            answer = last_boxed(text)  # parsed as the reasoning reward parses it
+            answer = normalise(answer) if answer is not None else None
             t, o, key = target_and_other(r)
             q = r["qtype"]
             c[q, "n"] += 1
