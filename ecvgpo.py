@@ -153,8 +153,10 @@ def prompt_text(row):
 
 # ----------------------------------------------------------------------------
 # rewards: (total, format, accuracy). Any parse failure scores 0, never raises.
-GROUNDING_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?\{.*\[\d+,\s*\d+,\s*\d+,\s*\d+\].*\}.*?</answer>",
-                              re.DOTALL)
+# VLM-R1's format check, per box convention (vlm.FAMILIES): a JSON box of integers; LLaVA's 0..1 boxes are decimals
+GROUNDING_FORMAT = {conv: re.compile(r"<think>.*?</think>\s*<answer>.*?\{.*\[N,\s*N,\s*N,\s*N\].*\}.*?</answer>"
+                                     .replace("N", r"\d+(?:\.\d+)?" if conv == "norm1" else r"\d+"), re.DOTALL)
+                    for conv in ("resized_px", "norm1000", "norm1")}
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 BOX = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]")
 REASONING_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
@@ -182,7 +184,7 @@ def parse_box(text):
 
 def grounding_reward(text, gt_box, fam, orig_wh, resized_wh):
     """format + IoU, with the predicted box moved from the model's convention to original pixels."""
-    fmt = 1.0 if GROUNDING_FORMAT.search(text) else 0.0
+    fmt = 1.0 if GROUNDING_FORMAT[fam["box"]].search(text) else 0.0
     box = parse_box(text)
     acc = iou(vlm.to_pixels(box, fam, orig_wh, resized_wh), gt_box) if box else 0.0
     return fmt + acc, fmt, acc
@@ -233,19 +235,29 @@ def reward(row, text, fam, orig_wh, resized_wh):
 def encode(processor, rows, images, G=1):
     """Left-padded prompt batch with every prompt repeated G times (prompt-major: rows j*G .. j*G+G-1 are
     prompt j). We repeat *before* the processor: rows of pixel_values are patches, not images, so
-    repeating the processed tensor would silently pair images with the wrong prompts."""
+    repeating the processed tensor would silently pair images with the wrong prompts. Images go one list per
+    prompt, the layout every family's processor accepts (Mllama's requires it)."""
     texts = [vlm.prompt(processor, prompt_text(r)) for r in rows for _ in range(G)]
-    return processor(text=texts, images=[im for im in images for _ in range(G)], padding=True, return_tensors="pt")
+    return processor(text=texts, images=[[im] for im in images for _ in range(G)], padding=True, return_tensors="pt")
 
 
 def with_completion(prompt, ids, mask):
     """Prompt batch + completion tokens -> model inputs. All of input_ids, mm_token_type_ids (extended with
-    zeros: text) and image_grid_thw must be passed, or Qwen2.5-VL silently falls back to 1-D positions."""
+    zeros: text) and image_grid_thw must be passed, or Qwen2.5-VL silently falls back to 1-D positions.
+    Families without image_grid_thw (and text-only prompts) get position_ids counted over real tokens: their
+    forward would otherwise number a left-padded row from the padding on, unlike generate(), and pi / pi_old
+    would compare two different models. Mllama's cross_attention_mask gets one row per completion token, a copy of the last prompt position's,
+    which is what its generate() does at every decoding step."""
     x = dict(prompt)
     x["input_ids"] = torch.cat([prompt["input_ids"], ids], 1)
     x["attention_mask"] = torch.cat([prompt["attention_mask"], mask], 1)
     if "mm_token_type_ids" in x:
         x["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], x["mm_token_type_ids"].new_zeros(ids.shape)], 1)
+    if "image_grid_thw" not in x:  # not Qwen's 3-D rope: count positions over real tokens, as generate() does
+        x["position_ids"] = (x["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    if "cross_attention_mask" in x:
+        cam = x["cross_attention_mask"]
+        x["cross_attention_mask"] = torch.cat([cam, cam[:, -1:].expand(-1, ids.shape[1], -1, -1)], 1)
     return x
 
 
@@ -269,12 +281,16 @@ def rollout(model, processor, rows, images, G, max_new_tokens, temperature):
     return with_completion(prompt, ids, mask), ids, mask, texts
 
 
-def take(inputs, rows):
-    """Rows `rows` (a slice) of a batch of model inputs with one image per row: pixel_values holds each
-    image's t*h*w patches one after another, so it is cut by image, not by row."""
-    out = {k: v[rows] for k, v in inputs.items() if k != "pixel_values"}
-    if "pixel_values" in inputs:
-        ends = F.pad(inputs["image_grid_thw"].prod(-1).cumsum(0), (1, 0)).tolist()
+def take(inputs, rows, fam):
+    """Rows `rows` (a slice) of a batch of model inputs, at most one image per row. Every tensor is cut by row
+    except a 'flat' pixel_values (vlm.FAMILIES: Qwen's patches, InternVL's tiles, one after another for the
+    whole batch), of which each row owns a share proportional to its image-placeholder tokens: a fixed number
+    per patch (1/4 for Qwen's 2x2 merge) or per tile (InternVL's 256)."""
+    flat = "pixel_values" in inputs and fam["pixels"] == "flat"
+    out = {k: v[rows] for k, v in inputs.items() if not (flat and k == "pixel_values")}
+    if flat:
+        n = (inputs["input_ids"] == fam["image_token_id"]).sum(1)
+        ends = (F.pad(n.cumsum(0), (1, 0)) * len(inputs["pixel_values"]) // n.sum()).tolist()
         out["pixel_values"] = inputs["pixel_values"][ends[rows.start]:ends[rows.stop]]
     return out
 
@@ -284,11 +300,10 @@ def micro_batches(n, size):
 
 
 def placeholders(model):
-    """Image/video placeholder ids. A sampled <|image_pad|> is an image slot without an image (the next
-    forward fails), so the policy is the model with these tokens removed: generate suppresses them and
-    token_logprobs renormalises without them."""
-    c = getattr(model, "module", model).config  # (DDP wraps the model)
-    return [i for i in (getattr(c, "image_token_id", None), getattr(c, "video_token_id", None)) if i is not None]
+    """Image/video placeholder ids inside the LM head's vocabulary. A sampled <|image_pad|> is an image slot
+    without an image (the next forward fails), so the policy is the model with these tokens removed: generate
+    suppresses them and token_logprobs renormalises without them."""
+    return vlm.family(model)["placeholders"]
 
 
 # ----------------------------------------------------------------------------
@@ -307,7 +322,7 @@ def token_logprobs(model, inputs, ids, temperature, entropy=False):
 @torch.no_grad()
 def token_stats(model, inputs, ids, temperature, micro_batch_size):
     """(log pi, entropy), each (N, T), of a whole chunk, micro-batched, no grad."""
-    parts = [token_logprobs(model, take(inputs, mb), ids[mb], temperature, entropy=True)
+    parts = [token_logprobs(model, take(inputs, mb, vlm.family(model)), ids[mb], temperature, entropy=True)
              for mb in micro_batches(len(ids), micro_batch_size)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -439,8 +454,8 @@ def evaluate(model, processor, fam, rows, batch_size=32, max_new_tokens=64):
         chunk = rows[i:i + batch_size]
         images = [load_image(r) for r in chunk]
         inputs, _, _, texts = rollout(model, processor, chunk, images, 1, max_new_tokens, temperature=0)
-        for r, im, t, thw in zip(chunk, images, texts, inputs["image_grid_thw"]):
-            _, f, a = reward(r, t, fam, im.size, vlm.resized_size(processor, thw))
+        for r, im, t, wh in zip(chunk, images, texts, vlm.seen_sizes(processor, fam, inputs)):
+            _, f, a = reward(r, t, fam, im.size, wh)
             acc, fmt = acc + (float(a > 0.5) if r["task"] == "grounding" else a), fmt + f
     model.train(was_training)
     return dict(acc=acc / len(rows), format=fmt / len(rows))
@@ -543,8 +558,8 @@ if __name__ == "__main__":
             with amp():
                 inputs, ids, mask, texts = rollout(model, processor, rows, images, G, cfg["max_new_tokens"], T)
             rep = [(row, im) for row, im in zip(rows, images) for _ in range(G)]  # prompt-major, as sampled
-            r = torch.tensor([reward(row, text, fam, im.size, vlm.resized_size(processor, thw))
-                              for (row, im), text, thw in zip(rep, texts, inputs["image_grid_thw"])], device=device)
+            r = torch.tensor([reward(row, text, fam, im.size, wh) for (row, im), text, wh
+                              in zip(rep, texts, vlm.seen_sizes(processor, fam, inputs))], device=device)
             chunks.append(dict(rows=rows, images=images, inputs=inputs, ids=ids, mask=mask.float(), rewards=r))
         t1 = time.time()
         # 3. old pass: log pi_old and the policy's entropy at every sampled token (+ log pi_ref for the KL)
@@ -591,7 +606,7 @@ if __name__ == "__main__":
                 # DDP all-reduces gradients on the last backward only, and averages them: hence loss * world
                 with contextlib.nullcontext() if world == 1 or k == len(work) - 1 else ddp_model.no_sync():
                     with amp():
-                        logp = token_logprobs(ddp_model, take(c["inputs"], mb), c["ids"][mb], T)[0]
+                        logp = token_logprobs(ddp_model, take(c["inputs"], mb, fam), c["ids"][mb], T)[0]
                     loss, clipped, kl = policy_loss(
                         logp, c["logp_old"][mb], c["adv"][mb], c["loss_mask"][mb], max(S["loss_tokens"], 1),
                         max(S["loss_seqs"], 1), cfg["eps_low"], cfg["eps_high"], cfg["loss_agg"], cfg["beta"],

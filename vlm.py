@@ -20,26 +20,47 @@ import os
 
 import torch
 
-# Per-family record. box: the coordinate convention of the family's grounding
-# outputs -- 'resized_px' (absolute pixels of the image *after* the processor's
-# resize: Qwen2-VL, Qwen2.5-VL), 'norm1000' (0..1000 of the image: InternVL,
-# Qwen3-VL). visual: the module whose output is the projected visual
-# embeddings; its output is a tensor or a ModelOutput with `pooler_output`.
+# Per-family record: what the scripts need to know about a model family, and nothing else.
+# box: the coordinate convention of the family's grounding outputs --
+#   'resized_px' absolute pixels of the image *after* the processor's resize (Qwen2-VL, Qwen2.5-VL);
+#   'norm1000'   integers 0..1000 of the image (InternVL, Qwen3-VL: their grounding data; Llama-3.2-Vision has no
+#                native format: we chose norm1000 because its tokenizer writes 0..999 as one token);
+#   'norm1'      floats 0..1 of the image (LLaVA-1.5 / LLaVA-NeXT: no native grounding format; their RefCOCO /
+#                VG instruction data writes boxes as 0..1 floats with 2-3 decimals, so the model has that prior).
+# visual: the module whose output is the projected visual embeddings (what the LLM sees; egg_ground.py hooks
+#   it); a tensor, or a ModelOutput with `pooler_output` (Qwen).
+# pixels: how `pixel_values` is laid out, i.e. how grpo.take() cuts a batch by row --
+#   'flat' one tensor for the whole batch whose leading rows are Qwen's patches (prod(image_grid_thw) per image)
+#          or InternVL's 448-px tiles (tiles + thumbnail per image); a row owns a share proportional to its
+#          image-placeholder tokens (a fixed number per patch group / tile);
+#   'rows' leading dim = the batch row (LLaVA: (N, C, H, W); LLaVA-NeXT: (N, tiles, C, H, W) + image_sizes;
+#          Mllama: (N, images, tiles, C, H, W) + aspect_ratio_ids / _mask + cross_attention_mask).
+# cross_attention: the image enters through cross-attention layers (Mllama), not placeholder tokens in the
+#   sequence: one <|image|> token marks it, and `cross_attention_mask` says which text positions see it.
 FAMILIES = {
-    "qwen2_vl": dict(box="resized_px", visual="model.visual"),
-    "qwen2_5_vl": dict(box="resized_px", visual="model.visual"),
-    "qwen3_vl": dict(box="norm1000", visual="model.visual"),
-    "internvl": dict(box="norm1000", visual="model.multi_modal_projector"),
+    "qwen2_vl": dict(box="resized_px", visual="model.visual", pixels="flat"),
+    "qwen2_5_vl": dict(box="resized_px", visual="model.visual", pixels="flat"),
+    "qwen3_vl": dict(box="norm1000", visual="model.visual", pixels="flat"),
+    "internvl": dict(box="norm1000", visual="model.multi_modal_projector", pixels="flat"),
+    "llava": dict(box="norm1", visual="model.multi_modal_projector", pixels="rows"),
+    "llava_next": dict(box="norm1", visual="model.multi_modal_projector", pixels="rows"),
+    "mllama": dict(box="norm1000", visual="model.multi_modal_projector", pixels="rows", cross_attention=True),
 }
 
 
 def family(model):
-    """The per-family record of a loaded model (raises, naming the type, if unknown)."""
+    """The per-family record of a loaded model (raises, naming the type, if unknown), with the model's
+    image-placeholder id (None where it is outside the LM head's vocabulary: Mllama's <|image|>)."""
+    model = getattr(model, "module", model)  # DDP wraps the model
     t = model.config.model_type
     if t not in FAMILIES:
         raise ValueError(f"vlm.py knows no box convention / visual module for model_type '{t}'; "
                          f"supported: {sorted(FAMILIES)}. Add an entry to vlm.FAMILIES.")
-    return dict(FAMILIES[t], model_type=t)
+    c = model.config
+    image = getattr(c, "image_token_id", None) or getattr(c, "image_token_index", None)
+    placeholders = [i for i in (image, getattr(c, "video_token_id", None))
+                    if i is not None and i < c.get_text_config().vocab_size]
+    return dict(FAMILIES[t], model_type=t, image_token_id=image, placeholders=placeholders)
 
 
 def load(name_or_path, device="cpu", dtype=torch.float32):
@@ -75,29 +96,34 @@ def prompt(processor, text, image=True):
                                          add_generation_prompt=True, tokenize=False)
 
 
+NORM = {"norm1000": 1000, "norm1": 1}
+
+
 def to_pixels(box, fam, orig_wh, resized_wh=None):
     """A box in the family's convention -> pixels of the original image (floats)."""
     (W, H), (x1, y1, x2, y2) = orig_wh, box
     if fam["box"] == "resized_px":
         # Qwen2.5-VL writes pixels of the resized image (grid_w*patch x grid_h*patch)
         sx, sy = W / resized_wh[0], H / resized_wh[1]
-    elif fam["box"] == "norm1000":
-        sx, sy = W / 1000, H / 1000
+    elif fam["box"] in ("norm1000", "norm1"):
+        sx, sy = (W / NORM[fam["box"]], H / NORM[fam["box"]])
     else:
         raise ValueError(f"unknown box convention {fam['box']}")
     return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
 
 
 def from_pixels(box, fam, orig_wh, resized_wh=None):
-    """Pixels of the original image -> the family's convention (rounded ints, as the model writes them)."""
+    """Pixels of the original image -> the family's convention, rounded as the model writes it (ints; 'norm1':
+    2 decimals)."""
     (W, H), (x1, y1, x2, y2) = orig_wh, box
     if fam["box"] == "resized_px":
         sx, sy = resized_wh[0] / W, resized_wh[1] / H
-    elif fam["box"] == "norm1000":
-        sx, sy = 1000 / W, 1000 / H
+    elif fam["box"] in ("norm1000", "norm1"):
+        sx, sy = NORM[fam["box"]] / W, NORM[fam["box"]] / H
     else:
         raise ValueError(f"unknown box convention {fam['box']}")
-    return [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
+    digits = 2 if fam["box"] == "norm1" else None  # LLaVA's data writes 0..1 with 2 decimals
+    return [round(v, digits) for v in (x1 * sx, y1 * sy, x2 * sx, y2 * sy)]
 
 
 def resized_size(processor, image_grid_thw):
@@ -105,6 +131,14 @@ def resized_size(processor, image_grid_thw):
     patch = processor.image_processor.patch_size
     _, gh, gw = (int(v) for v in image_grid_thw)
     return gw * patch, gh * patch
+
+
+def seen_sizes(processor, fam, inputs):
+    """Per row of a processed batch: (w, h) of the image the model saw where the box convention needs it
+    ('resized_px': Qwen2/2.5-VL write pixels of the resized image), else None."""
+    if fam["box"] != "resized_px":
+        return [None] * len(inputs["input_ids"])
+    return [resized_size(processor, thw) for thw in inputs["image_grid_thw"]]
 
 
 def visual_module(model, fam):

@@ -164,7 +164,7 @@ def test_rollout_rows_are_prompt_major_groups(tiny, shapes):
     inputs, ids, mask, texts = grpo.rollout(model, processor, rows, images, 2, 6, 1.0)
     one = [grpo.encode(processor, [r], [im]) for r, im in zip(rows, images)]
     for i in range(6):  # sequence i belongs to prompt i // 2, with that prompt's image patches
-        x = grpo.take(inputs, slice(i, i + 1))
+        x = grpo.take(inputs, slice(i, i + 1), vlm.family(model))
         P = one[i // 2]["input_ids"].shape[1]
         prompt_part = x["input_ids"][0, :inputs["input_ids"].shape[1] - ids.shape[1]]
         assert torch.equal(prompt_part[-P:], one[i // 2]["input_ids"][0])
