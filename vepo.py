@@ -262,17 +262,14 @@ def encode(processor, rows, images, G=1):
 def with_completion(prompt, ids, mask):
     """Prompt batch + completion tokens -> model inputs. All of input_ids, mm_token_type_ids (extended with
     zeros: text) and image_grid_thw must be passed, or Qwen2.5-VL silently falls back to 1-D positions.
-    Families without image_grid_thw (and text-only prompts) get position_ids counted over real tokens: their
-    forward would otherwise number a left-padded row from the padding on, unlike generate(), and pi / pi_old
-    would compare two different models. Mllama's cross_attention_mask gets one row per completion token, a copy of the last prompt position's,
-    which is what its generate() does at every decoding step."""
+    (Other families need no position_ids: left padding shifts all of a row's positions by one constant, which
+    rotary embeddings, relative by construction, do not see.) Mllama's cross_attention_mask gets one row per
+    completion token, a copy of the last prompt position's, which is what its generate() does at every step."""
     x = dict(prompt)
     x["input_ids"] = torch.cat([prompt["input_ids"], ids], 1)
     x["attention_mask"] = torch.cat([prompt["attention_mask"], mask], 1)
     if "mm_token_type_ids" in x:
         x["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], x["mm_token_type_ids"].new_zeros(ids.shape)], 1)
-    if "image_grid_thw" not in x:  # not Qwen's 3-D rope: count positions over real tokens, as generate() does
-        x["position_ids"] = (x["attention_mask"].cumsum(1) - 1).clamp(min=0)
     if "cross_attention_mask" in x:
         cam = x["cross_attention_mask"]
         x["cross_attention_mask"] = torch.cat([cam, cam[:, -1:].expand(-1, ids.shape[1], -1, -1)], 1)

@@ -23,19 +23,21 @@ SIZES = [(40, 30), (64, 48), (30, 52)]  # different sizes: different token / til
 
 
 def detail_rows(folder, n=4):
-    """Detail rows (one-word answer 'red') on images of different sizes, written as a jsonl split."""
+    """Detail rows (one-word answer 'red') on images of different sizes and questions of different lengths
+    (so a batch is left-padded in every family, also where the image token count is fixed), as a jsonl split."""
     rows = []
     for i in range(n):
         w, h = SIZES[i % len(SIZES)]
         Image.new("RGB", (w, h), [(220, 40, 40), (40, 80, 220), (40, 170, 60)][i % 3]).save(f"{folder}/{i}.png")
-        rows.append(dict(task="detail", image=f"{i}.png", question="What colour is the small shape?", answer="red",
+        question = "What colour is the small shape?" + " Look closely at the picture." * (i % 2)  # padding for all
+        rows.append(dict(task="detail", image=f"{i}.png", question=question, answer="red",
                          box=[0, 0, w // 2, h // 2], width=w, height=h))
     with open(f"{folder}/detail.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return grpo.load_rows(f"{folder}/detail.jsonl")
 
 
-def teach(model, processor, rows, steps=40):
+def teach(model, processor, rows, steps=50):
     """A few teacher-forced steps so the first answer is 'red' or 'blue' about half the time each: a random
     model earns reward 0 everywhere (A = 0, nothing would move); this one earns 1 on about half its samples."""
     images = [grpo.load_image(r) for r in rows]
@@ -50,7 +52,7 @@ def teach(model, processor, rows, steps=40):
     for _ in range(steps):
         lp = grpo.token_logprobs(model, x, ids, 1.0)[0]
         loss = -(lp * mask).sum() / mask.sum()
-        loss.backward(), opt.step(), opt.zero_grad()
+        loss.backward(), torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), opt.step(), opt.zero_grad()
     return loss.item()
 
 
@@ -151,11 +153,13 @@ def test_vicra_no_image_and_vepo_perturbed_forwards_change_the_image(families, f
             assert not {"pixel_values", "cross_attention_mask"} & set(xn)
             assert not (xn["input_ids"] == fam["image_token_id"]).any()
         p_no = vicra.vicra_stats(model, x, xn, ids, 1.0, 4)[0]
-        assert (p_img - p_no)[m].abs().max() > 1e-6, kind
-    for noise in ("gauss", "patch"):
-        jsd, dH = vepo.visual_signals(model, processor.image_processor, x, ids, 1.0, 4, noise, 0.5, 0.6,
+        assert (p_img - p_no)[m].abs().max() > 0, kind
+    # the control: noise of std 0 keeps the clean image, and the signals are then exactly 0 (CPU is deterministic)
+    for noise, std in (("gauss", 0.0), ("gauss", 0.5), ("patch", 0.5)):
+        jsd, dH = vepo.visual_signals(model, processor.image_processor, x, ids, 1.0, 4, noise, std, 0.6,
                                       torch.Generator().manual_seed(0))
-        assert jsd[m].max() > 1e-9 and torch.isfinite(jsd).all() and torch.isfinite(dH).all(), noise
+        assert torch.isfinite(jsd).all() and torch.isfinite(dH).all()
+        assert (jsd[m].max() > 0) == (std > 0) and (dH[m].abs().max() > 0) == (std > 0), (noise, std)
 
 
 @pytest.mark.parametrize("script", ["grpo.py", "ecvgpo.py", "vicra.py", "vepo.py"])
@@ -166,7 +170,7 @@ def test_two_steps_change_the_weights(families, family, script, tmp_path, monkey
     f = families[family]
     out = str(tmp_path / "out")
     argv = [script, "--model", f["taught"], "--data", f"{f['data']}/detail.jsonl", "--val", f"{f['data']}/detail.jsonl",
-            "--out_dir", out, "--steps", "2", "--G", "4", "--batch_size", "2", "--micro_batch_size", "3",
+            "--out_dir", out, "--steps", "2", "--G", "8", "--batch_size", "2", "--micro_batch_size", "5",
             "--max_new_tokens", "4", "--eval_every", "0", "--save_every", "0", "--lr", "1e-3", "--threads", "1",
             "--device", "cpu", "--dtype", "float32"]
     if script == "vepo.py":
