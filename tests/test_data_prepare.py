@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import sys
 
 import pytest
 from PIL import Image
@@ -173,3 +174,85 @@ def test_refcoco_vlmr1_refgta_and_errors(tmp_path):
     json.dump(items, open(os.path.join(rec, "refcoco_val.json"), "w"))
     with pytest.raises(FileNotFoundError, match=r"refcoco_val.json: item 0: image .*nope.jpg' not found"):
         m.prepare(out, coco, vlmr1=rec)
+
+
+# ---------------------------------------------------------------------------- ViRL39K, Geometry3K
+def png_bytes(size, color, fmt="PNG"):
+    b = io.BytesIO()
+    Image.new("RGB", size, color).save(b, format=fmt)
+    return b.getvalue()
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def make_virl(tmp):
+    """TIGER-Lab/ViRL39K: 39Krelease.parquet (question with an <image> placeholder, \\boxed{} answer, a list
+    of image paths relative to the parquet's folder) + images/ from images.zip."""
+    d = tmp / "ViRL39K"
+    for k in range(5):
+        img(str(d / "images" / f"q{k}-0.jpg"), (20 + k, 10), (10 * k, 0, 0))
+    img(str(d / "images" / "q3-1.jpg"), (8, 8))
+    rows = [dict(question=f"<image>\nWhat is {k} + {k}?", answer=f"\\boxed{{{2 * k}}}", image=[f"images/q{k}-0.jpg"],
+                 qid=f"q{k}", category="(GradeSchool) Arithmetic", source="test", PassRate_32BTrained=0.5)
+            for k in range(5)]
+    rows[3]["image"].append("images/q3-1.jpg")  # two images: skipped
+    rows[4]["answer"] = "\\boxed{\\frac{1}{2}}"
+    write_parquet(str(d / "39Krelease.parquet"), rows)
+    return str(d / "39Krelease.parquet")
+
+
+def test_virl39k(tmp_path):
+    m = load("virl39k")
+    out = str(tmp_path / "out")
+    counts = m.prepare(out, make_virl(tmp_path), val_n=1)
+    assert counts == {"train.jsonl": 3, "val.jsonl": 1}
+    rows = grpo.load_rows(os.path.join(out, "train.jsonl")) + grpo.load_rows(os.path.join(out, "val.jsonl"))
+    by_id = {r["id"]: r for r in rows}
+    assert sorted(by_id) == ["q0", "q1", "q2", "q4"]  # q3 has two images
+    r = by_id["q2"]
+    assert (r["question"], r["answer"], r["category"]) == ("What is 2 + 2?", "4", "(GradeSchool) Arithmetic")
+    assert r["image"].endswith("src/images/q2-0.jpg") and Image.open(r["image"]).size == (22, 10)
+    assert by_id["q4"]["answer"] == "\\frac{1}{2}"
+    first = snapshot(out)
+    m.prepare(out, os.path.join(str(tmp_path), "ViRL39K", "39Krelease.parquet"), val_n=1)
+    assert snapshot(out) == first
+
+
+def test_geometry3k_embedded_images(tmp_path):
+    """hiyouga/geometry3k: data/<split>-00000-of-00001.parquet, `images` a list of {bytes, path}."""
+    m = load("virl39k")
+    src = tmp_path / "geometry3k" / "data"
+    for split, n in (("train", 3), ("validation", 1), ("test", 2)):
+        write_parquet(str(src / f"{split}-00000-of-00001.parquet"),
+                      [dict(images=[dict(bytes=png_bytes((12 + k, 9), (0, 99, 0)), path=None)],
+                            problem=f"<image>Find x. Choices: A:{k} B:{k + 1}", answer="A", id=k,
+                            choices=[str(k), str(k + 1)], ground_truth="A") for k in range(n)])
+    out = str(tmp_path / "out")
+    assert m.prepare(out, str(src), name="geometry3k") == {"train.jsonl": 3, "validation.jsonl": 1, "test.jsonl": 2}
+    r = grpo.load_rows(os.path.join(out, "train.jsonl"))[2]
+    assert (r["question"], r["answer"], r["id"]) == ("Find x. Choices: A:2 B:3", "A", "2")
+    assert r["image"].endswith("images/train/2.png") and Image.open(r["image"]).size == (14, 9)
+    first = snapshot(out)
+    m.prepare(out, str(src), name="geometry3k")
+    assert snapshot(out) == first
+
+
+def test_virl39k_errors(tmp_path, monkeypatch):
+    m = load("virl39k")
+    d = tmp_path / "v"
+    img(str(d / "images" / "a.jpg"), (8, 8))
+    write_parquet(str(d / "x.parquet"), [dict(question="q", answer="1", image=["images/a.jpg"]),
+                                         dict(question="q", answer="  ", image=["images/a.jpg"])])
+    with pytest.raises(ValueError, match=r"x.parquet: row 1: empty answer"):
+        m.prepare(str(tmp_path / "o"), str(d / "x.parquet"))
+    write_parquet(str(d / "x.parquet"), [dict(question="q", answer="1", image=["images/missing.jpg"])])
+    with pytest.raises(FileNotFoundError, match=r"x.parquet: row 0: image .*missing.jpg' not found"):
+        m.prepare(str(tmp_path / "o"), str(d / "x.parquet"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: a clear error, not a traceback
+    with pytest.raises(ImportError, match="datasets"):
+        m.prepare(str(tmp_path / "o"), hf="TIGER-Lab/ViRL39K")
