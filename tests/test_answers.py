@@ -91,3 +91,52 @@ def test_speed():
     per_call = (time.perf_counter() - t) / len(PAIRS)
     print(f"answers_match: {per_call * 1e3:.1f} ms per call over {len(PAIRS)} pairs")
     assert per_call < 0.5
+
+
+# ---------------------------------------------------------------------------- VQA metrics, hand-computed
+def test_vqa_normalise():
+    assert evaluate.vqa_normalise("The Dog's bowl!") == "dog's bowl"
+    assert evaluate.vqa_normalise("dont") == "don't"  # contraction written without its apostrophe
+    assert evaluate.vqa_normalise("Two") == "2" and evaluate.vqa_normalise("none") == "0"
+    assert evaluate.vqa_normalise("1,000") == "1000"  # comma between digits: dropped, not a space
+    assert evaluate.vqa_normalise("red-white") == "red white"
+    assert evaluate.vqa_normalise("3.5") == "3.5" and evaluate.vqa_normalise("yes.") == "yes"
+
+
+@pytest.mark.parametrize("m,expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_m_of_10(m, expected):
+    """m of 10 humans gave the answer: mean over the 10 leave-one-out subsets of min(matches / 3, 1).
+    m = 3: 3 subsets hold 2 matches (2/3), 7 hold 3 (1): (3 * 2/3 + 7) / 10 = 0.9."""
+    answers = ["stop"] * m + ["go"] * (10 - m)
+    assert evaluate.vqa_accuracy("Stop.", answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_normalises_both_sides():
+    assert evaluate.vqa_accuracy("two", ["2"] * 10) == 1.0
+    assert evaluate.vqa_accuracy("a dog", ["dog"] * 2 + ["cat"] * 8) == pytest.approx(0.6)
+
+
+def test_exact_and_choice():
+    assert evaluate.exact_match("The table.", ["table"]) == 1.0
+    assert evaluate.exact_match("tables", ["table"]) == 0.0
+    assert evaluate.choice_match("B", ["B"]) == 1.0 and evaluate.choice_match("(B) red", ["B"]) == 1.0
+    assert evaluate.choice_match("The answer is C.", ["B"]) == 0.0 and evaluate.choice_match("red", ["B"]) == 0.0
+
+
+@pytest.mark.parametrize("reply,parsed", [("Yes", "yes"), ("Yes, there is a dog.", "yes"), ("No.", "no"),
+                                          ("There is not a dog in the image.", "no"), ("no", "no"),
+                                          ("I cannot tell. No", "yes"), ("Nope", "yes")])
+def test_pope_yesno(reply, parsed):
+    """POPE's own parse: only the first sentence counts, and only the words No / no / not mean no."""
+    assert evaluate.pope_yesno(reply) == parsed
+    assert evaluate.yesno_match(reply, [parsed]) == 1.0
+
+
+def test_anls():
+    assert evaluate.levenshtein("kitten", "sitting") == 3
+    assert evaluate.anls("1989", ["1989"]) == 1.0
+    assert evaluate.anls("19890", ["1989"]) == pytest.approx(0.8)  # 1 edit / 5 characters
+    assert evaluate.anls("abcd", ["abxy"]) == 0.0  # NL = 0.5 is not < 0.5
+    assert evaluate.anls("abcd", ["abcx"]) == pytest.approx(0.75)
+    assert evaluate.anls(" ITC Limited ", ["itc limited", "ITC"]) == 1.0  # best over answers, case-blind
+    assert evaluate.anls("itc", ["itc limited", "zzz"]) == 0.0  # 8 edits / 11: NL 0.73
