@@ -256,3 +256,104 @@ def test_virl39k_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: a clear error, not a traceback
     with pytest.raises(ImportError, match="datasets"):
         m.prepare(str(tmp_path / "o"), hf="TIGER-Lab/ViRL39K")
+
+
+# ---------------------------------------------------------------------------- VQA sets (EGG table 1)
+def make_vqa_sources(tmp):
+    """TextVQA, V*, POPE, DocVQA and GQA, each in its published layout (data/vqa/README.md)."""
+    t = tmp / "TextVQA"
+    for i in ("abc1", "abc2"):
+        img(str(t / "train_images" / f"{i}.jpg"), (16, 12))
+    answers = ["stop"] * 7 + ["stop sign", "stop", "halt"]
+    json.dump(dict(dataset_name="textvqa", dataset_type="val", dataset_version="0.5.1", data=[
+        dict(question="what does the sign say?", image_id="abc1", image_classes=["sign"], flickr_original_url="",
+             flickr_300k_url="", image_width=16, image_height=12, answers=answers, question_tokens=[],
+             question_id=34602, set_name="val"),
+        dict(question="what brand?", image_id="abc2", answers=["nokia"] * 10, question_id=34603, set_name="val")]),
+        open(t / "TextVQA_0.5.1_val.json", "w"))
+    json.dump(dict(dataset_type="test", data=[dict(question="q", image_id="abc1", question_id=1)]),
+              open(t / "TextVQA_0.5.1_test.json", "w"))  # no answers: skipped
+    v = tmp / "vstar_bench"
+    img(str(v / "direct_attributes" / "sa_4690.jpg"), (20, 15))
+    img(str(v / "relative_position" / "sa_1.jpg"), (20, 15))
+    with open(v / "test_questions.jsonl", "w") as f:
+        f.write(json.dumps(dict(image="direct_attributes/sa_4690.jpg", text="What is the material of the glove?\n"
+                                "(A) rubber\n(B) cotton\n(C) kevlar\n(D) leather\nAnswer with the option's letter "
+                                "from the given choices directly.", category="direct_attributes", question_id=0,
+                                label="A")) + "\n")
+        f.write(json.dumps(dict(image="relative_position/sa_1.jpg", text="Is the cup on the left or right of the "
+                                "dog?\n(A) left\n(B) right", category="relative_position", question_id=1,
+                                label="B")) + "\n")
+    p = tmp / "POPE" / "output" / "coco"
+    img(str(tmp / "val2014" / "COCO_val2014_000000310196.jpg"), (10, 10))
+    os.makedirs(p)
+    for split in ("random", "popular", "adversarial"):
+        with open(p / f"coco_pope_{split}.json", "w") as f:
+            for k, label in enumerate(("yes", "no", "no")):
+                f.write(json.dumps(dict(question_id=k + 1, image="COCO_val2014_000000310196.jpg",
+                                        text=f"Is there a thing{k} in the image?", label=label)) + "\n")
+    d = tmp / "DocVQA"
+    img(str(d / "val" / "documents" / "xnbl0037_1.png"), (30, 40))
+    json.dump(dict(dataset_name="docvqa", dataset_split="val", dataset_version="1.0", data=[
+        dict(questionId=49153, question="What is the ‘actual’ value per 1000, during the year 1975?",
+             question_types=["figure/diagram"], image="documents/xnbl0037_1.png", docId=14465,
+             ucsf_document_id="xnbl0037", ucsf_document_page_no="1", answers=["0.28"], data_split="val")]),
+        open(d / "val" / "val_v1.0.json", "w"))
+    g = tmp / "GQA"
+    img(str(g / "images" / "n161313.jpg"), (12, 9))
+    os.makedirs(g / "questions")
+    json.dump({"20968379": dict(semantic=[], entailed=[], equivalent=["20968379"], question="Is the sky dark?",
+                                imageId="n161313", isBalanced=True, groups=dict(), answer="yes", semanticStr="",
+                                annotations={}, types={}, fullAnswer="Yes, the sky is dark."),
+               "20968380": dict(question="What color is the car?", imageId="n161313", answer="white",
+                                fullAnswer="The car is white.")},
+              open(g / "questions" / "testdev_balanced_questions.json", "w"))
+    return dict(textvqa_dir=str(t), vstar_dir=str(v), pope_dir=str(p), pope_images=str(tmp / "val2014"),
+                docvqa_dir=str(d), gqa_dir=str(g))
+
+
+def test_vqa_sets(tmp_path):
+    m = load("vqa")
+    out = str(tmp_path / "out")
+    src = make_vqa_sources(tmp_path)
+    counts = m.prepare(out, **src)
+    assert counts == {"textvqa_val.jsonl": 2, "vstar_test.jsonl": 2, "pope_random.jsonl": 3,
+                      "pope_popular.jsonl": 3, "pope_adversarial.jsonl": 3, "docvqa_val.jsonl": 1,
+                      "gqa_testdev.jsonl": 2}
+    rows = {f: [json.loads(l) for l in open(os.path.join(out, f))] for f in counts}
+    r = rows["textvqa_val.jsonl"][0]
+    assert (r["image"], r["metric"], r["question_id"]) == ("textvqa/train_images/abc1.jpg", "vqa", 34602)
+    assert r["answers"] == ["stop"] * 7 + ["stop sign", "stop", "halt"]  # every answer, duplicates kept
+    r = rows["vstar_test.jsonl"][0]
+    assert (r["image"], r["answers"], r["metric"]) == ("vstar/direct_attributes/sa_4690.jpg", ["A"], "choice")
+    assert r["question"].startswith("What is the material") and "(D) leather" in r["question"]
+    r = rows["pope_adversarial.jsonl"][1]
+    assert (r["image"], r["answers"], r["metric"]) == ("pope/COCO_val2014_000000310196.jpg", ["no"], "yesno")
+    r = rows["docvqa_val.jsonl"][0]
+    assert (r["image"], r["answers"], r["metric"]) == ("docvqa/val/documents/xnbl0037_1.png", ["0.28"], "anls")
+    assert "‘actual’" in r["question"]  # UTF-8 kept
+    r = rows["gqa_testdev.jsonl"][1]
+    assert (r["image"], r["answers"], r["question_id"]) == ("gqa/n161313.jpg", ["white"], "20968380")
+    import evaluate
+    for f in counts:
+        for row in evaluate.load_split(os.path.join(out, f)):
+            assert Image.open(row["image"]).size[0] > 0
+    first = snapshot(out)
+    m.prepare(out, **src)
+    assert snapshot(out) == first
+
+
+def test_vqa_errors(tmp_path):
+    m = load("vqa")
+    src = make_vqa_sources(tmp_path)
+    path = os.path.join(src["textvqa_dir"], "TextVQA_0.5.1_val.json")
+    data = json.load(open(path))
+    data["data"][1]["answers"] = []
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ValueError, match=r"TextVQA_0.5.1_val.json: data\[1\]: empty answer list"):
+        m.prepare(str(tmp_path / "o"), textvqa_dir=src["textvqa_dir"])
+    os.remove(os.path.join(src["gqa_dir"], "images", "n161313.jpg"))
+    with pytest.raises(FileNotFoundError, match=r"testdev_balanced_questions.json: question 20968379: image"):
+        m.prepare(str(tmp_path / "o"), gqa_dir=src["gqa_dir"])
+    with pytest.raises(ValueError, match="--pope_images"):
+        m.prepare(str(tmp_path / "o"), pope_dir=src["pope_dir"])
