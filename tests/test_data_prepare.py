@@ -357,3 +357,36 @@ def test_vqa_errors(tmp_path):
         m.prepare(str(tmp_path / "o"), gqa_dir=src["gqa_dir"])
     with pytest.raises(ValueError, match="--pope_images"):
         m.prepare(str(tmp_path / "o"), pope_dir=src["pope_dir"])
+
+
+# ---------------------------------------------------------------------------- LISA ReasonSeg
+def make_reasonseg(tmp):
+    r = tmp / "ReasonSeg"
+    shapes = [dict(label="target", points=[[3.5, 4.0], [10.0, 2.0], [12.25, 9.0]], shape_type="polygon"),
+              dict(label="target", points=[[20.0, 15.0], [22.0, 18.5], [21.0, 16.0]], shape_type="polygon"),
+              dict(label="ignore", points=[[0.0, 0.0], [31.0, 23.0], [0.0, 23.0]], shape_type="polygon"),
+              dict(label="flag", points=[[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]], shape_type="polygon")]
+    for split, n in (("train", 2), ("val", 1)):
+        for k in range(n):
+            img(str(r / split / f"img{k}.jpg"), (32, 24))
+            json.dump(dict(text=[f"what can hold water {k}?", f"the cup {k}"], is_sentence=k == 0, shapes=shapes),
+                      open(r / split / f"img{k}.json", "w"))
+    return str(r)
+
+
+def test_lisa_reasonseg(tmp_path):
+    m = load("lisa")
+    out = str(tmp_path / "out")
+    src = make_reasonseg(tmp_path)
+    assert m.prepare(out, src) == {"reasonseg_train.jsonl": 4, "reasonseg_val.jsonl": 2}
+    r = grpo.load_rows(os.path.join(out, "reasonseg_train.jsonl"))[1]
+    # the extent of the two target polygons; ignore and flag polygons do not count
+    assert (r["query"], r["box"], r["width"], r["height"]) == ("the cup 0", [3.5, 2.0, 22.0, 18.5], 32, 24)
+    assert r["image"].endswith("reasonseg/train/img0.jpg") and os.path.exists(r["image"]) and r["is_sentence"]
+    first = snapshot(out)
+    m.prepare(out, src)
+    assert snapshot(out) == first
+    json.dump(dict(text=["x"], shapes=[dict(label="target", points=[[1, 1], [40, 5], [2, 6]])]),
+              open(os.path.join(src, "val", "img0.json"), "w"))
+    with pytest.raises(ValueError, match=r"val/img0.json: box .* outside its 32x24 image"):
+        m.prepare(out, src)
