@@ -390,3 +390,17 @@ def test_lisa_reasonseg(tmp_path):
               open(os.path.join(src, "val", "img0.json"), "w"))
     with pytest.raises(ValueError, match=r"val/img0.json: box .* outside its 32x24 image"):
         m.prepare(out, src)
+
+
+def test_lisa_vlmr1(tmp_path):
+    m = load("lisa")
+    img(str(tmp_path / "lisa_imgs" / "test" / "a.jpg"), (50, 40))
+    items = [dict(image="test/a.jpg", problem="Please provide the bounding box coordinate of the region this "
+                  "sentence describes: what can hold water.", normal_caption="what can hold water",
+                  solution=[5, 6, 30, 35], width=50, height=40)]
+    json.dump(items, open(tmp_path / "lisa_test.json", "w"))
+    out = str(tmp_path / "out")
+    assert m.from_vlmr1(str(tmp_path / "lisa_test.json"), out, str(tmp_path / "lisa_imgs")) == {"lisa_test.jsonl": 1}
+    r = grpo.load_rows(os.path.join(out, "lisa_test.jsonl"))[0]
+    assert (r["query"], r["box"], r["dataset"], r["split"]) == ("what can hold water", [5, 6, 30, 35], "lisa", "test")
+    assert os.path.exists(r["image"])

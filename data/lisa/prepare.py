@@ -1,6 +1,7 @@
 """LISA's ReasonSeg (reasoning segmentation) -> our grounding jsonl: the box is the extent of the target mask.
 
-    python data/lisa/prepare.py --reasonseg <ReasonSeg folder holding train/ val/ test/>
+    python data/lisa/prepare.py --vlmr1 <lisa_test.json> --images <its image root>   # VLM-R1's LISA-Grounding
+    python data/lisa/prepare.py --reasonseg <ReasonSeg folder holding train/ val/ test/>  # LISA's own release
 
 ReasonSeg layout (dvlab-research/LISA, utils/reason_seg_dataset.py and utils/data_processing.py): per split
 folder, an image <name>.jpg next to <name>.json = {"text": [query, ...], "is_sentence": bool, "shapes":
@@ -8,10 +9,11 @@ folder, an image <name>.jpg next to <name>.json = {"text": [query, ...], "is_sen
 LISA rasterises the "target" polygons into the mask (ignore: not scored, flag: deprecated); the box of that
 mask is [min x, min y, max x, max y] over the target polygons' points, which is what we write. One row per
 query, with `is_sentence` (LISA reports short-query and sentence-query results separately).
-VLM-R1 also ships LISA-Grounding as a rec json (lisa_test.json, the split ECVGPO's LISA column reads);
-that file is in RefCOCO's VLM-R1 format: python data/refcoco/prepare.py --vlmr1 <folder with lisa_test.json>
---images <its image root> --out data/lisa.
-Writes <out>/reasonseg_<split>.jsonl; images are linked (<out>/reasonseg -> --reasonseg).
+ECVGPO's LISA column is VLM-R1's LISA-Grounding test split (ECVGPO sec. 5.1: "the same subset used in
+VLM-R1"): lisa_test.json in VLM-R1's rec format, read by data/refcoco/prepare.py's from_vlmr1 (the
+box is VLM-R1's "solution").
+Writes <out>/reasonseg_<split>.jsonl or <out>/lisa_test.jsonl; images are linked (<out>/reasonseg or
+<out>/images -> the image folder).
 """
 import argparse
 import glob
@@ -23,6 +25,17 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for common.py
 import common  # noqa: E402
+
+
+def from_vlmr1(path, out_dir, images):
+    """VLM-R1's lisa_test.json: RefCOCO's VLM-R1 reader (data/refcoco/prepare.py), imported, not copied."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "refcoco_prepare", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "refcoco", "prepare.py"))
+    refcoco = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refcoco)
+    _, split, rows = refcoco.from_vlmr1(path, out_dir, common.link_images(out_dir, "images", images))
+    return {f"lisa_{split}.jsonl": common.write_jsonl(os.path.join(out_dir, f"lisa_{split}.jsonl"), rows)}
 
 
 def polygon_box(shapes, where):
@@ -74,7 +87,11 @@ def prepare(out_dir, reasonseg):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reasonseg", required=True, help="ReasonSeg folder holding train/ val/ test/")
+    p.add_argument("--vlmr1", help="VLM-R1's lisa_test.json")
+    p.add_argument("--images", help="with --vlmr1: the folder its `image` paths are relative to")
+    p.add_argument("--reasonseg", help="ReasonSeg folder holding train/ val/ test/")
     p.add_argument("--out", default="data/lisa")
     a = p.parse_args()
-    prepare(a.out, a.reasonseg)
+    if bool(a.vlmr1) == bool(a.reasonseg) or (a.vlmr1 and not a.images):
+        p.error("give --vlmr1 <lisa_test.json> --images <dir>, or --reasonseg <dir>")
+    from_vlmr1(a.vlmr1, a.out, a.images) if a.vlmr1 else prepare(a.out, a.reasonseg)
