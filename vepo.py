@@ -247,7 +247,8 @@ def answers_match(pred, answer):
     # imported here, not at the top, so that the file imports without it (the reward section is the only user)
     import threading
     import math_verify
-    # math-verify's timeouts are signal.alarm: only the main thread may set one; elsewhere run without
+    # math-verify's timeouts are signal.alarm: only the main thread may set one (there a pathological answer
+    # such as 9^{9^{9^9}} costs at most ~5 s per parse or verify); elsewhere it runs without, unbounded
     t = 5 if threading.current_thread() is threading.main_thread() else None
     try:
         gold = math_verify.parse("\\boxed{" + answer + "}", parsing_timeout=t)
