@@ -195,8 +195,8 @@ if __name__ == "__main__":
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     splits = {p: load_split(p) for p in cfg["data"].split(",")}  # every file checked before the model loads
-    model, processor, fam = vlm.load(cfg["model"], torch.device(cfg["device"]))
     dtype = getattr(torch, cfg["dtype"])
+    model, processor, fam = vlm.load(cfg["model"], torch.device(cfg["device"]), dtype)  # no training: bf16 weights do
     amp = torch.autocast(cfg["device"], dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
     summary = dict(model=cfg["model"], family=fam, max_new_tokens=cfg["max_new_tokens"], splits={})
     t0 = time.time()
