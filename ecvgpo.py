@@ -212,11 +212,41 @@ def normalise(answer):
         return a
 
 
+WORD = re.compile(r"[a-z][a-z ]*[a-z]")  # a plain word or phrase, after normalise()
+
+
+def answers_match(pred, answer):
+    """(equal, how) of a predicted final answer and the reference. how says which check decided:
+      'exact'        normalise() equal (numbers as numbers, case, $, trailing period, \\text{});
+      'math-verify'  mathematical equivalence by math-verify, the checker open-r1 and TRL use:
+                     \\frac{1}{2} = 0.5 = 1/2 = \\dfrac12, x = 4 vs 4, (A) vs A, 4\\% vs 4, 2\\sqrt{2} vs \\sqrt{8};
+      'word'         a plain word on either side and no exact match: not equal. math-verify would read
+                     'red' as the product r*e*d and call 'red' and 'der' equal.
+    Never raises: a math-verify failure or timeout is 'not equal'."""
+    pred, answer = str(pred), str(answer)
+    if normalise(pred) == normalise(answer):
+        return True, "exact"
+    if any(isinstance(a, str) and WORD.fullmatch(a) for a in (normalise(pred), normalise(answer))):
+        return False, "word"
+    # imported here, not at the top, so that the file imports without it (the reward section is the only user)
+    import threading
+    import math_verify
+    # math-verify's timeouts are signal.alarm: only the main thread may set one (there a pathological answer
+    # such as 9^{9^{9^9}} costs at most ~5 s per parse or verify); elsewhere it runs without, unbounded
+    t = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold = math_verify.parse("\\boxed{" + answer + "}", parsing_timeout=t)
+        got = math_verify.parse("\\boxed{" + pred + "}", parsing_timeout=t)
+        return bool(gold and got and math_verify.verify(gold, got, timeout_seconds=t)), "math-verify"
+    except Exception:  # includes math-verify's TimeoutException
+        return False, "math-verify"
+
+
 def reasoning_reward(text, answer):
-    """0.9 * accuracy + 0.1 * format (EasyR1)."""
+    """0.9 * accuracy + 0.1 * format (EasyR1); accuracy: the last \\boxed{} matches the answer (answers_match)."""
     fmt = 1.0 if REASONING_FORMAT.search(text) else 0.0
     pred = last_boxed(text)
-    acc = 1.0 if pred is not None and normalise(pred) == normalise(str(answer)) else 0.0
+    acc = 1.0 if pred is not None and answers_match(pred, answer)[0] else 0.0
     return 0.9 * acc + 0.1 * fmt, fmt, acc
 
 
