@@ -5,6 +5,7 @@ Entropy-gradient grounding (EGG, seed 004): training-free evidence retrieval in 
         --question "What colour is the small shape?" --out figs/egg/detail_test_00000.png
     python egg_ground.py --data data/shapes/detail_test.jsonl --iters 1     # single pass
     python egg_ground.py --data data/shapes/detail_test.jsonl               # iterative (spatial-entropy stop)
+    python egg_ground.py --data data/shapes/detail_test.jsonl --reference_code true  # as the authors' code
 
 1. Backpropagate the entropy of the first next-token distribution to the projected visual
    embeddings V (the visual module's output, what the LLM sees); saliency s_i = ||dH/dV_i||_2
@@ -16,6 +17,10 @@ Entropy-gradient grounding (EGG, seed 004): training-free evidence retrieval in 
 4. Answer greedily with the original image plus the final crops as extra images.
 Ablations (tables 2, 3, 4, 6): --objective entropy|topp|maxprob, --k, --stop
 spatial|confidence|iters, --token t. The model is frozen; nothing is trained.
+Every family in vlm.FAMILIES: layouts() says where each visual token lies in the image (Qwen's merged
+grid, InternVL's tiles + thumbnail, LLaVA's centre crop, LLaVA-NeXT's unpadded anyres mosaic + base
+view, Mllama's tiles + per-tile CLS). --reference_code follows the authors' public LLaVA code where it
+departs from the paper (notes/egg_ground.md, "Reference code vs paper").
 """
 import argparse
 import json
