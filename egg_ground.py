@@ -183,8 +183,10 @@ def layouts(processor, fam, inputs, images, N, reference_code=False):
             sx, sy = fw / rw, fh / rh
             box = (x0 + left * sx, y0 + top * sy, x0 + (left + cw) * sx, y0 + (top + ch) * sy)
             g = (ch // p, cw // p)
-            out.append(_grid(off + np.arange(g[0] * g[1]).reshape(g), box))
-            off += g[0] * g[1]
+            cls = N // max(1, len(images)) == g[0] * g[1] + 1  # vision_feature_select_strategy "full": CLS kept
+            coarse = [(np.array([[off]]), box)] if cls else []  # the CLS token describes the whole crop
+            out.append(_grid(off + cls + np.arange(g[0] * g[1]).reshape(g), box, coarse))
+            off += g[0] * g[1] + cls
     elif t == "llava_next":
         # anyres: view 0 = the whole image squashed to the ViT's size (n x n tokens), then the image resized
         # (aspect kept, ceil), pasted centred on the best pinpoint canvas and cut row-major into tiles; the model

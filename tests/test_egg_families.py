@@ -123,7 +123,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_grounding_gives_the_family_grid_and_boxes_inside_the_image(models, family):
+def test_grounding_gives_the_family_grid_and_boxes_inside_the_image(models, family, tmp_path):
     model, processor, fam = models[family]
     image = noise((64, 48), seed=1)
     image.paste((220, 40, 40), (40, 8, 52, 20))
@@ -148,6 +148,13 @@ def test_grounding_gives_the_family_grid_and_boxes_inside_the_image(models, fami
     # answering: the original plus crops in one prompt (every family's processor takes several images)
     text, p = egg.answer(model, processor, [v["image"] for v in g["views"]], q, 2)
     assert isinstance(text, str) and 0 < p <= 1
+    # table 6's later decoding step: the prompt grows by a token (Mllama: its cross-attention mask too)
+    G2, lays2, _ = egg.entropy_gradient(model, processor, image, q, token=2)
+    assert G2.shape == G.shape and lays2[0]["index"].shape == lay["index"].shape
+    # the overlay places the grid over its extent (LLaVA's crop, Mllama's padding) in an image-sized PNG
+    out = egg.overlay(image, g["saliency"], [r["box"] for r in g["regions"]], str(tmp_path / "o.png"),
+                      g["saliency_box"])
+    assert out.size == image.size
 
 
 @pytest.mark.parametrize("family", FAMILIES)
