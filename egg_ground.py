@@ -111,13 +111,13 @@ def _grid(index, box, coarse=(), unused=()):
     """A layout: `index` (rows, cols) = row of G at each cell, the cells spanning `box` (x0, y0, x1, y1, pixels of
     the image; may reach past its edges, e.g. over padding); `coarse` = [(index, box)] global views (thumbnail,
     base view, Mllama's per-tile CLS) whose tokens each describe a larger area; `unused` = rows of G that describe
-    no image location (Mllama's padding tiles)."""
+    no image location (Mllama's padding tiles, LLaVA-NeXT's padded mosaic cells)."""
     return dict(index=np.asarray(index), box=[float(v) for v in box], coarse=list(coarse), unused=list(unused))
 
 
 def layouts(processor, fam, inputs, images, N, reference_code=False):
     """Where each row of G (the hooked visual module's output, flattened to (N, D)) lies in each image of a
-    one-prompt input: one layout per image, in the order the visual module emits the tokens.
+    one-prompt input (N rows): one layout per image, in the order the visual module emits the tokens.
     The per-family arithmetic below follows transformers' image processors and models (notes/egg_ground.md)."""
     t, ip, out, off = fam["model_type"], processor.image_processor, [], 0
     if t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
@@ -193,8 +193,7 @@ def layouts(processor, fam, inputs, images, N, reference_code=False):
         # lays the tiles' tokens out as one mosaic and drops the padded rows / columns (pack_image_features,
         # unpad_image), so the grid is the unpadded mosaic and the base view is a coarse view of the whole image
         from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
-        vc = processor.image_processor.crop_size
-        tile = _size(vc, "height")
+        tile = _size(ip.crop_size, "height")  # the ViT's input size = one tile
         n = tile // processor.patch_size
         pins = ip.image_grid_pinpoints
         for im, (H, W) in zip(images, inputs["image_sizes"].tolist()):

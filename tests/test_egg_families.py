@@ -58,10 +58,8 @@ def noise(wh, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (wh[1], wh[0], 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_layout_puts_a_local_change_in_its_own_cell(models, family):
-    model, processor, fam = models[family]
-    for wh in SHAPES:
+def assert_local_changes_land_in_their_cells(model, processor, fam, shapes):
+    for wh in shapes:
         base = noise(wh)
         V0, x = visual_output(model, processor, fam, [base])
         lay = egg.layouts(processor, fam, x, [base], V0.shape[0])[0]
@@ -69,16 +67,42 @@ def test_layout_puts_a_local_change_in_its_own_cell(models, family):
         x0, y0, x1, y1 = lay["box"]
         for fx, fy in POINTS:
             cx, cy = int(fx * wh[0]), int(fy * wh[1])
+            if not (x0 <= cx - 3 and cx + 3 <= x1 and y0 <= cy - 3 and cy + 3 <= y1):
+                continue  # outside what the model sees (LLaVA's centre crop): tested below
             im = base.copy()
             im.paste((255, 255, 255), (cx - 3, cy - 3, cx + 3, cy + 3))
             V1, _ = visual_output(model, processor, fam, [im])
             S = egg.saliency_grid(V1 - V0, lay)
-            if not (x0 <= cx - 3 and cx + 3 <= x1 and y0 <= cy - 3 and cy + 3 <= y1):
-                continue  # outside what the model sees (LLaVA's centre crop): tested below
-            assert S.max() > 0, (family, wh, (cx, cy))
+            assert S.max() > 0, (fam["model_type"], wh, (cx, cy))
             r, c = np.unravel_index(S.argmax(), S.shape)
             b = egg.cells_to_pixels((r, c, r, c), S.shape, lay["box"])
-            assert b[0] < cx + 3 and cx - 3 < b[2] and b[1] < cy + 3 and cy - 3 < b[3], (family, wh, (cx, cy), b)
+            assert b[0] < cx + 3 and cx - 3 < b[2] and b[1] < cy + 3 and cy - 3 < b[3], (fam["model_type"], wh,
+                                                                                          (cx, cy), b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layout_puts_a_local_change_in_its_own_cell(models, family):
+    assert_local_changes_land_in_their_cells(*models[family], SHAPES)
+
+
+def test_mllama_four_tiles_row_major(models):
+    """The tiny Mllama has at most 2 tiles (1 x 2 or 2 x 1), where row- and column-major tile orders agree. The same
+    architecture with 4 tiles (random weights; the layout, not the quality, is under test) on a 64 x 64 image:
+    a 2 x 2 canvas, so a column-major reading would swap the off-diagonal tiles."""
+    import copy
+
+    from transformers import MllamaForConditionalGeneration
+    model, processor, fam = models["mllama"]
+    cfg = copy.deepcopy(model.config)
+    cfg.vision_config.max_num_tiles = 4
+    cfg.vision_config.supported_aspect_ratios = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
+    torch.manual_seed(0)
+    m4 = MllamaForConditionalGeneration(cfg).eval()
+    p4 = copy.deepcopy(processor)
+    p4.image_processor.max_image_tiles = 4
+    x = egg.encode(p4, [noise((64, 64))], "q")
+    assert int(x["aspect_ratio_mask"].sum()) == 4
+    assert_local_changes_land_in_their_cells(m4, p4, fam, [(64, 64), (64, 48)])
 
 
 def test_llava_grid_spans_the_centre_crop_only(models):
