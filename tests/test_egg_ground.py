@@ -51,8 +51,7 @@ def objective_at(model, processor, image, question, fn, delta=None):
         if delta is not None:
             out.pooler_output = out.pooler_output + delta
         return out
-    inputs = processor(text=[egg.user_prompt(processor, egg.DETAIL_PROMPT.format(question=question), 1)],
-                       images=[image], return_tensors="pt")
+    inputs = egg.encode(processor, [image], question)
     h = model.model.visual.register_forward_hook(hook)
     try:
         with torch.no_grad():
@@ -78,7 +77,8 @@ def exact_double(model):
 def test_gradient_equals_finite_differences(tiny, rows, name, ref):
     model, processor = exact_double(tiny[0]), tiny[1]
     image, q = load_image(rows[0]), rows[0]["question"]
-    G, grid, info = egg.entropy_gradient(model, processor, image, q, objective=name)
+    G, lays, info = egg.entropy_gradient(model, processor, image, q, objective=name)
+    grid = lays[0]["index"].shape
     assert info["objective"] == pytest.approx(objective_at(model, processor, image, q, ref), rel=1e-9)
     N, D = G.shape
     assert (N, D) == (grid[0] * grid[1], model.config.text_config.hidden_size)
@@ -181,7 +181,7 @@ def test_regions_two_blobs_one_blob_empty_all_on():
 
 
 def test_box_maps_back_through_two_nested_crops():
-    assert egg.cells_to_pixels((2, 3, 4, 5), (14, 14), (224, 224)) == [48, 32, 96, 80]
+    assert egg.cells_to_pixels((2, 3, 4, 5), (14, 14), (0, 0, 224, 224)) == [48, 32, 96, 80]
     im = Image.new("RGB", (200, 100), (128, 128, 128))
     im.paste((255, 0, 0), (60, 25, 80, 45))  # the region the two crops end on
     v0 = dict(image=im, box=[0.0, 0.0, 200.0, 100.0])
@@ -309,7 +309,8 @@ def test_other_qwen_families_give_a_grid(tiny, kind):
     assert model.config.model_type == kind
     im = Image.new("RGB", (224, 160), (230, 230, 230))
     im.paste((220, 40, 40), (150, 100, 170, 120))
-    G, grid, _ = egg.entropy_gradient(model, proc, im, "What colour is the small shape?")
+    G, lays, _ = egg.entropy_gradient(model, proc, im, "What colour is the small shape?")
+    grid = lays[0]["index"].shape
     assert grid == (160 // 16, 224 // 16) and G.shape[0] == grid[0] * grid[1]
     assert G.abs().sum() > 0
     if kind == "qwen3_vl":  # the deepstack features are part of each token's embedding
@@ -317,5 +318,5 @@ def test_other_qwen_families_give_a_grid(tiny, kind):
 
 
 def test_unknown_layout_raises_naming_the_family(tiny):
-    with pytest.raises(NotImplementedError, match="internvl"):
-        egg.token_grid(tiny[1], dict(model_type="internvl"), {})
+    with pytest.raises(NotImplementedError, match="fuyu"):
+        egg.layouts(tiny[1], dict(model_type="fuyu"), {}, [], 0)
