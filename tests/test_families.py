@@ -109,16 +109,19 @@ def test_box_convention_round_trip_and_reward(families, family):
     assert fmt == 1.0 and acc > 0.97
 
 
+def taught(f):
+    """The taught model in eval mode, its processor and family record, two rows and their images; seeded."""
+    model, processor, fam = vlm.load(f["taught"])
+    torch.manual_seed(0)
+    return model.eval(), processor, fam, f["rows"][:2], [grpo.load_image(r) for r in f["rows"][:2]]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_row_of_a_padded_batch_scores_as_the_row_alone(families, family):
     """Rollout and log-probs of a 2-image batch (different image sizes: padded, different pixel shares) equal
-    those of each prompt alone: take() cuts pixel_values / tiles / cross-attention right, and positions count
-    real tokens only."""
-    f = families[family]
-    model, processor, fam = vlm.load(f["taught"])
-    model.eval()
-    rows, images = f["rows"][:2], [grpo.load_image(r) for r in f["rows"][:2]]
-    torch.manual_seed(0)
+    those of each prompt alone: take() cuts pixel_values / tiles / cross-attention right, and left padding
+    changes nothing."""
+    model, processor, fam, rows, images = taught(families[family])
     x, ids, mask, texts = grpo.rollout(model, processor, rows, images, 1, 4, temperature=0)
     lp, H = grpo.token_stats(model, x, ids, 1.0, micro_batch_size=1)
     for j in range(2):
@@ -139,11 +142,7 @@ def test_vicra_no_image_and_vepo_perturbed_forwards_change_the_image(families, f
     clean image would give w = 0 and JSD = 0 exactly."""
     import vepo
     import vicra
-    f = families[family]
-    model, processor, fam = vlm.load(f["taught"])
-    model.eval()
-    rows, images = f["rows"][:2], [grpo.load_image(r) for r in f["rows"][:2]]
-    torch.manual_seed(0)
+    model, processor, fam, rows, images = taught(families[family])
     x, ids, mask, _ = grpo.rollout(model, processor, rows, images, 2, 4, temperature=1.0)
     p_img = grpo.token_stats(model, x, ids, 1.0, 4)[0].exp()
     m = mask.bool()
