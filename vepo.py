@@ -595,11 +595,12 @@ def save(out_dir, model, processor, opt, step, pos, sharded=False):
 def load_sharded(out_dir, model, opt):
     """Read save(sharded=True)'s weights and AdamW state into the (sharded) model and optimizer, in place;
     DCP reshards if the world size changed."""
-    options = StateDictOptions(ignore_frozen_params=True)
-    msd, osd = get_state_dict(model, opt, options=options)
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
     sd = dict(model=msd, optimizer=osd)
-    dcp.load(sd, checkpoint_id=os.path.join(out_dir, "dcp"))
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=options)
+    dcp.load(sd, checkpoint_id=os.path.join(out_dir, "dcp"))  # raises if the checkpoint lacks any of them
+    # not strict: LoRA's frozen base is not in sd (it is the initial model, already loaded)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def export(out_dir, model, processor, lora=False):
