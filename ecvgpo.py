@@ -496,6 +496,17 @@ def gathered(model):
                 m.set_reshard_after_forward(True, recurse=False)
 
 
+def reference_weights(model, dtype):
+    """The frozen reference stored at the precision the policy computes with under autocast: Linear weights and
+    biases in dtype (autocast rounds the policy's float32 ones to dtype at every use: the same values, half the
+    memory), the rest (norms, embeddings, a head tied to them) float32 like the policy's."""
+    emb = model.get_input_embeddings().weight
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight is not emb:
+            m.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
 def add_lora(model, r, alpha, vision=False):
     """peft LoRA (Hu et al. 2021) on every Linear layer of the language model (model.get_decoder(), whatever the
     family) and, with vision=True, of the vision tower and projector; never the output head. All else is frozen.
@@ -612,14 +623,16 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model = add_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_vision"])
-    # The frozen initial policy for the KL term; not even loaded when beta == 0. It runs in exactly the policy's
-    # compute (float32 weights under the same autocast / FSDP cast), so KL is exactly 0 at step 0. LoRA: the
-    # policy itself with its adapters switched off, no second copy.
+    # The frozen initial policy for the KL term; not even loaded when beta == 0. It runs exactly the policy's
+    # computation, so KL is exactly 0 at step 0: FSDP casts every weight to dtype for compute (store it so), autocast
+    # only Linear layers' (reference_weights). LoRA: the policy itself with its adapters off, no second copy.
     ref, ref_off = None, contextlib.nullcontext
     if cfg["beta"] > 0 and lora:
         ref, ref_off = model, model.disable_adapter
+    elif cfg["beta"] > 0 and fsdp:
+        ref = vlm.load(cfg["model"], "cpu", dtype)[0].eval().requires_grad_(False)
     elif cfg["beta"] > 0:
-        ref = vlm.load(cfg["model"], "cpu" if fsdp else device)[0].eval().requires_grad_(False)
+        ref = reference_weights(vlm.load(cfg["model"], device)[0], dtype)
     if fsdp:
         shard(model, dtype)
         if ref is not None:
