@@ -45,7 +45,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                     register_fsdp_forward_method)
 from tqdm import tqdm
@@ -640,6 +641,11 @@ def all_sum(stats, device):
 if __name__ == "__main__":
     cfg = parse_config(config)
     assert cfg["loss_agg"] in ("seq-mean", "token-mean") and cfg["temperature"] > 0 and cfg["G"] >= 2
+    # --- VEPO ----------------------------------------------------------------
+    if not cfg["old_pass"]:
+        raise ValueError("vepo.py needs the old pass (the selection reads the entropy and JSD before the "
+                         "update): drop --old_pass false")
+    # --- end VEPO ------------------------------------------------------------
     if cfg["fsdp"] and cfg["lora_r"]:
         raise ValueError("--fsdp and --lora_r together are not supported: LoRA's frozen base fits one GPU (bench.py)")
     if cfg["export"] and not cfg["resume"]:

@@ -34,7 +34,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                     register_fsdp_forward_method)
 from tqdm import tqdm
@@ -607,6 +608,9 @@ if __name__ == "__main__":
     assert cfg["loss_agg"] in ("seq-mean", "token-mean") and cfg["temperature"] > 0 and cfg["G"] >= 2
     # --- VICRA ------------------------------------------------------------
     assert cfg["distort"] in ("discard", "patch_black", "black", "noise", "blur") and cfg["score"] in ("pdiff", "kl")
+    if not cfg["old_pass"]:
+        raise ValueError("vicra.py needs the old pass (w = pi_old - pi_noimg, eq. 4, before the update): "
+                         "drop --old_pass false")
     # --- end VICRA --------------------------------------------------------
     if cfg["fsdp"] and cfg["lora_r"]:
         raise ValueError("--fsdp and --lora_r together are not supported: LoRA's frozen base fits one GPU (bench.py)")

@@ -6,7 +6,9 @@ Every script runs on the embedded default (tiny checkpoint, G 8 x 4 prompts, 64 
 (the shapes reasoning split) with --lr 0: the policy never moves, so every run samples exactly the same
 completions at every step and the step times differ by the method's own work only. Runs are interleaved
 (rep 1 of every config, then rep 2, ...) so that load from other jobs hits all configs alike; step 1 (warm-up)
-is dropped; the figure is the median t_step over the remaining steps of all reps.
+is dropped; the figure is the median t_step over the remaining steps of all reps. t_step is the process's CPU
+time (each script runs with time.time replaced by time.process_time, one torch thread): on a machine shared with
+other jobs wall time varied 2-3x between identical steps, CPU time by a few percent.
 """
 import argparse
 import json
@@ -39,8 +41,10 @@ if __name__ == "__main__":
         for rep in range(args.reps):
             for name, cmd in CONFIGS.items():
                 out = os.path.join(tmp, f"{rep}-{cmd[0]}-{len(times[name])}")
-                r = subprocess.run([sys.executable] + cmd + common + ["--out_dir", out], cwd=ROOT, capture_output=True,
-                                   text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                code = ("import runpy, sys, time; time.time = time.process_time; sys.argv = sys.argv[1:]; "
+                        "sys.path.insert(0, '.'); runpy.run_path(sys.argv[0], run_name='__main__')")
+                r = subprocess.run([sys.executable, "-c", code] + cmd + common + ["--out_dir", out], cwd=ROOT,
+                                   capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
                 if r.returncode:
                     raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
                 log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]

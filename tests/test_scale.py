@@ -40,7 +40,8 @@ def torchrun(*runs, tmp):
     processes (each run reads its model and checkpoint from disk afresh; one launch saves ~20 s of start-up)."""
     driver = tmp / "driver.py"
     driver.write_text(f"import runpy, sys\nsys.path.insert(0, {ROOT!r})\nfor argv in {list(runs)!r}:\n"
-                      f"    sys.argv = ['grpo.py'] + argv\n    runpy.run_path({ROOT!r} + '/grpo.py', run_name='__main__')\n")
+                      f"    sys.argv = ['grpo.py'] + argv\n"
+                      f"    runpy.run_path({ROOT!r} + '/grpo.py', run_name='__main__')\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
     out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                          timeout=600)
