@@ -2,6 +2,7 @@
 exports a folder vlm.load reads with the sharded model's logits; --lora_r trains the adapters only, starts at KL 0
 and exports merged adapters with the adapted model's logits; at mu = 1 skipping the old pass changes nothing, at
 mu = 2 the pass still runs; the reference runs in the policy's compute dtype (KL exactly 0 at step 0)."""
+import copy
 import functools
 import json
 import os
@@ -178,3 +179,19 @@ def test_old_pass_skipped_at_mu1_changes_nothing_kept_at_mu2_and_kl_starts_at_ze
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert any(not torch.equal(a[k], runs["mu2"][2][k]) for k in a)  # (mu = 2 does move further)
     assert runs["skip"][3]["entropy"] == pytest.approx(runs["kept"][3]["entropy"], abs=1e-3)  # logged from the update
+
+
+@pytest.mark.parametrize("name, blocks", [("qwen2.5-vl-7b", 28 + 32), ("internvl3-8b", 28 + 24),
+                                          ("llama-3.2-11b-vision", 40 + 40)])
+def test_shard_blocks_and_lora_targets_found_for_every_family(name, blocks):
+    """shard() wraps the classes a model names in _no_split_modules, add_lora() the Linear layers under
+    get_decoder(): both must find every decoder layer / vision block and only language-model layers (meta device:
+    the released configs, written in bench.py; Llama's vision encoder has 32 local + 8 global layers, its
+    decoder 32 self- + 8 cross-attention layers)."""
+    import bench
+    model = bench.build_real(name)
+    names = set(model._no_split_modules)
+    assert sum(type(m).__name__ in names for m in model.modules()) == blocks
+    lm_linears = sum(isinstance(m, torch.nn.Linear) for m in model.get_decoder().modules())
+    targets = grpo.add_lora(copy.deepcopy(model), 8, 16.0).targeted_module_names  # (bench caches the model)
+    assert len(targets) == lm_linears and all(".language_model." in n for n in targets)
