@@ -472,7 +472,9 @@ def shard(model, dtype, offload=False):
         if type(m).__name__ in blocks:
             fully_shard(m, **kw)
     fully_shard(model, **kw)
-    # generate() enters the root's FSDP hooks first (it runs the vision tower outside forward())
+    # generate() enters the root's FSDP hooks first (it runs the vision tower outside forward()). transformers,
+    # seeing an FSDP module, decodes in lockstep across ranks (synced_gpus: a rank that is done keeps stepping
+    # until all are), so every rank runs the same forwards and the FSDP states stay alike
     register_fsdp_forward_method(model, "generate")
     return model
 
@@ -642,7 +644,7 @@ if __name__ == "__main__":
     if fsdp:
         shard(model, dtype)
         if ref is not None:
-            shard(ref, dtype, offload=cfg["ref_offload"])
+            shard(ref, dtype, offload=cfg["ref_offload"] and device.type == "cuda")  # (on a CPU it is there already)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                             weight_decay=cfg["weight_decay"])
     step, pos = 0, 0  # optimizer steps done, prompts consumed (the data position)
@@ -679,9 +681,11 @@ if __name__ == "__main__":
             wandb.log(rec, step=rec["step"])
 
     def validate():
-        """Rank 0 evaluates; under FSDP every rank takes part in gathering the weights."""
+        """Rank 0 evaluates. Under FSDP every rank runs the same evaluation on the gathered weights (rank 0's
+        figures are logged): generate decodes in lockstep across ranks (see shard), and with rank 0 generating
+        alone the ranks' FSDP states also went apart (a collective mismatch at the next gather, 2 gloo ranks)."""
         with amp(), gathered(model):
-            return {f"val_{rows[0]['task']}_{k}": v for rows in val if master
+            return {f"val_{rows[0]['task']}_{k}": v for rows in val if master or fsdp
                     for k, v in evaluate(model, processor, fam, rows, mbs, cfg["max_new_tokens"]).items()}
 
     stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit; the ranks agree through the all-reduce

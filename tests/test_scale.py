@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(CKPT, "model.saf
 def data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes"))
     make_split("grounding", "train", 48, 0, out, progress=False)
-    return ["--data", os.path.join(out, "grounding_train.jsonl")]
+    make_split("grounding", "val", 4, 0, out, progress=False)
+    return ["--data", os.path.join(out, "grounding_train.jsonl"), "--val", os.path.join(out, "grounding_val.jsonl")]
 
 
 def torchrun(*runs, tmp):
@@ -82,7 +83,8 @@ def fsdp_run(data, tmp_path_factory):
     identically."""
     tmp = tmp_path_factory.mktemp("fsdp")
     args = RUN + data + ["--fsdp", "--loss_agg", "token-mean", "--beta", "0.04", "--out_dir", str(tmp / "run")]
-    torchrun(args + ["--steps", "1"], args + ["--steps", "2", "--resume"], tmp=tmp)
+    # the resumed run ends with an eval: rank 0 generates alone on the gathered model, the other rank waits
+    torchrun(args + ["--steps", "1"], args + ["--steps", "2", "--resume", "--eval_every", "2", "--val_n", "4"], tmp=tmp)
     return tmp / "run"
 
 
@@ -101,6 +103,7 @@ def test_fsdp_one_step_and_resume_equal_one_process_two_steps_with_grad_accum(fs
     assert set(init) <= set(b) and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the comparison is not vacuous
     assert [r["reward"] for r in log(tmp_path / "one")] == [r["reward"] for r in log(fsdp_run)]  # same data order
+    assert "val_grounding_acc" in log(fsdp_run)[-1]  # the eval under FSDP ran (and did not hang)
 
 
 def test_fsdp_export_loads_with_vlm_load_and_gives_the_sharded_models_logits(fsdp_run):
