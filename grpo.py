@@ -399,10 +399,9 @@ def shard(model, dtype, offload=False):
 @contextlib.contextmanager
 def gathered(model):
     """FSDP2: gather the whole model once for generation and keep it gathered through every decoding step, then
-    free it. Otherwise each of the hundreds of decoding steps would all-gather every block again, and a rank
-    that finished decoding early would leave the others waiting inside a collective. The cost: the full model in
-    the compute dtype on every GPU while generating (2 bytes x parameters: 16 GB for 8B) on top of its shards.
-    Every rank must enter (the gather is collective). A no-op on a model that is not sharded."""
+    free it; otherwise each of the hundreds of decoding steps would all-gather every block again. The cost: the
+    full model in the compute dtype on every GPU while generating (2 bytes x parameters: 16 GB for 8B) on top
+    of its shards. Every rank must enter (the gather is collective). A no-op on a model that is not sharded."""
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)

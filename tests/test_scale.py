@@ -37,16 +37,11 @@ def data(tmp_path_factory):
     return ["--data", os.path.join(out, "grounding_train.jsonl"), "--val", os.path.join(out, "grounding_val.jsonl")]
 
 
-def torchrun(*runs, tmp):
-    """grpo.py on 2 CPU ranks (gloo), once per argument list, one after the other inside the same two rank
-    processes (each run reads its model and checkpoint from disk afresh; one launch saves ~20 s of start-up)."""
-    driver = tmp / "driver.py"
-    driver.write_text(f"import runpy, sys\nsys.path.insert(0, {ROOT!r})\nfor argv in {list(runs)!r}:\n"
-                      f"    sys.argv = ['grpo.py'] + argv\n"
-                      f"    runpy.run_path({ROOT!r} + '/grpo.py', run_name='__main__')\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
-    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=600)
+def torchrun(args):
+    """grpo.py on 2 CPU ranks (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py"]
+    out = subprocess.run(cmd + args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
@@ -83,8 +78,10 @@ def fsdp_run(data, tmp_path_factory):
     identically."""
     tmp = tmp_path_factory.mktemp("fsdp")
     args = RUN + data + ["--fsdp", "--loss_agg", "token-mean", "--beta", "0.04", "--out_dir", str(tmp / "run")]
-    # the resumed run ends with an eval: rank 0 generates alone on the gathered model, the other rank waits
-    torchrun(args + ["--steps", "1"], args + ["--steps", "2", "--resume", "--eval_every", "2", "--val_n", "4"], tmp=tmp)
+    torchrun(args + ["--steps", "1"])
+    # a second launch, as a real resume is (running both in one launch, re-initialising the process group in
+    # the same processes, hung inside DCP's load now and then); it ends with an eval under FSDP
+    torchrun(args + ["--steps", "2", "--resume", "--eval_every", "2", "--val_n", "4"])
     return tmp / "run"
 
 
