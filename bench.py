@@ -8,12 +8,16 @@ tokens and pixels of the right shapes):
             old and the reference policy; vicra.py adds one more, vepo.py two more)
   train     forward + backward + AdamW step of the policy loss on the same batch
 
+    python bench.py --memory                                   # per-GPU memory of the paper settings, DDP/FSDP/LoRA
     python bench.py                                            # tiny model on CPU: ratios only
     python bench.py --scale 3b --device cuda --dtype bfloat16  # on a GPU: seconds, tokens/s, GiB
 
-Absolute times mean something only on the GPU; on the CPU, read the ratios between phases.
+Absolute times mean something only on the GPU; on the CPU, read the ratios between phases. --memory prints an
+estimate (arithmetic on the released configs' parameter counts, built on the meta device: Qwen2.5-VL-3B/7B,
+InternVL3-8B, Llama-3.2-11B-Vision), not a measurement: see memory_rows for what it counts.
 """
 import argparse
+import functools
 import json
 import time
 
@@ -34,7 +38,102 @@ SCALES = {  # text / vision configs of the released checkpoints (config.json), a
                 window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
 }
 
+
+
+@functools.lru_cache(maxsize=None)  # meta models: shapes only, nothing to free
+def build_real(name):
+    """One of MEMORY's models on the meta device (shapes only): the released configs, written in."""
+    if name.startswith("qwen2.5-vl"):
+        return build(name.split("-")[-1], None, "meta")[0]
+    if name == "internvl3-8b":  # OpenGVLab/InternVL3-8B-hf: InternViT-300M + Qwen2.5-7B
+        from transformers import InternVLConfig as Config, InternVLForConditionalGeneration as Model
+        cfg = Config(vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                        intermediate_size=4096, image_size=[448, 448], patch_size=[14, 14],
+                                        attention_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1),
+                     text_config=dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944,
+                                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                      vocab_size=151674, tie_word_embeddings=False),
+                     downsample_ratio=0.5, projector_hidden_act="gelu", tie_word_embeddings=False)
+    elif name == "llama-3.2-11b-vision":  # meta-llama/Llama-3.2-11B-Vision-Instruct
+        from transformers import MllamaConfig as Config, MllamaForConditionalGeneration as Model
+        cfg = Config(vision_config=dict(hidden_size=1280, num_hidden_layers=32, num_global_layers=8,
+                                        attention_heads=16, intermediate_size=5120, vision_output_dim=7680,
+                                        image_size=560, patch_size=14, max_num_tiles=4,
+                                        intermediate_layers_indices=[3, 7, 15, 23, 30]),
+                     text_config=dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=40,
+                                      num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                                      cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+                                      tie_word_embeddings=False))
+    else:
+        raise ValueError(f"unknown model {name!r}; one of {[m for m, *_ in MEMORY]}")
+    with torch.device("meta"):
+        return Model(cfg)
+
+
+# The README's paper settings: (model, script, G, batch_size, micro_batch_size, max_new_tokens). Llama-3.2-11B
+# takes VICRA's 7B setting (the paper's other main model).
+MEMORY = [("qwen2.5-vl-3b", "grpo/ecvgpo (REC)", 8, 4, 4, 256), ("qwen2.5-vl-3b", "vepo", 8, 4, 2, 64),
+          ("qwen2.5-vl-7b", "vicra", 5, 4, 4, 2048), ("internvl3-8b", "ecvgpo --r0 -50", 8, 4, 4, 256),
+          ("llama-3.2-11b-vision", "vicra", 5, 4, 4, 2048)]
+
+
+def memory_rows(world=8, prompt_tokens=1024, lora_r=64, GB=2 ** 30):
+    """Estimated GiB per GPU for each MEMORY setting under DDP, FSDP (world GPUs) and LoRA (rank lora_r, any
+    number of GPUs), from the real parameter counts. Bytes per parameter: fp32 weights 4, fp32 grads 4, AdamW
+    8; reference: DDP stores Linear weights in bf16 and the rest fp32 (grpo.reference_weights), FSDP bf16 /
+    world, LoRA none (the base with adapters off). Activations with --gradient_checkpointing on one micro-batch
+    of S = prompt_tokens + max_new_tokens: every decoder layer's bf16 input, one layer recomputed
+    (2 B x (5h + 2 h_kv + 4 I) per token), and the completion logits (16 B per (token, vocab): bf16, the float
+    copy, log-softmax, its gradient). Rollout: the KV cache of batch_size x G sequences (bf16); FSDP also holds
+    the whole model gathered in bf16 (2 B/param) while generating. Peak = max(rollout, update)."""
+    rows = []
+    for name, script, G, B, mbs, T in MEMORY:
+        model = build_real(name)
+        tc = model.config.get_text_config()
+        h, I, L, V = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size
+        hkv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or h // tc.num_attention_heads)  # K (or V) width
+        lm, emb = model.get_decoder(), model.get_input_embeddings().weight
+        N = sum(p.numel() for p in model.parameters())
+        lin = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
+                  for p in m.parameters(recurse=False) if p is not emb)
+        n_lora = sum(lora_r * (m.in_features + m.out_features) for m in lm.modules() if isinstance(m, torch.nn.Linear))
+        blocks = set(model._no_split_modules or ())
+        block = max(sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in blocks)
+        S = prompt_tokens + T
+        act = (L * mbs * S * h * 2 + mbs * S * 2 * (5 * h + 2 * hkv + 4 * I) + mbs * (T + 1) * V * 16) / GB
+        kv = B * G * S * L * 2 * hkv * 2 / GB
+        for mode in ("DDP", "FSDP", "LoRA"):
+            if mode == "DDP":
+                par, grad, optim, ref, gather = 4 * N, 4 * N, 8 * N, 2 * lin + 4 * (N - lin), 0
+            elif mode == "FSDP":
+                par, grad, optim, ref, gather = 4 * N / world, 4 * N / world, 8 * N / world, 2 * N / world, 2 * N
+                act += 8 * block / GB  # a block gathered in bf16 (+ the next, prefetched) and its fp32 gradient
+            else:
+                par, grad, optim, ref, gather = 2 * N + 4 * n_lora, 4 * n_lora, 8 * n_lora, 0, 0
+            par, grad, optim, ref, gather = (x / GB for x in (par, grad, optim, ref, gather))
+            update, rollout = par + grad + optim + ref + act, par + optim + ref + gather + kv
+            rows.append(dict(model=name, script=script, mode=mode, params_B=N / 1e9, weights=par, grads=grad,
+                             adamw=optim, ref=ref, activations=act, kv_cache=kv, gathered=gather,
+                             peak=max(update, rollout), lora_params_M=n_lora / 1e6 if mode == "LoRA" else None))
+            if mode == "FSDP":
+                act -= 8 * block / GB
+    return rows
+
+
+def print_memory(rows, world, prompt_tokens, lora_r):
+    print(f"Estimated memory per GPU (GiB), world size {world} (LoRA r={lora_r}: per GPU, any world size), "
+          f"prompt {prompt_tokens} tokens (image + text) + max_new_tokens; not measured (no GPU)")
+    head = ("model", "setting", "mode", "weights", "grads", "AdamW", "ref", "activ.", "KV", "gathered", "peak", "80GB")
+    print("{:22s} {:18s} {:5s}".format(*head[:3]) + "".join(f"{x:>9s}" for x in head[3:]))
+    for r in rows:
+        print(f"{r['model']:22s} {r['script']:18s} {r['mode']:5s}" + "".join(
+            f"{r[k]:9.1f}" for k in ("weights", "grads", "adamw", "ref", "activations", "kv_cache", "gathered", "peak"))
+            + f"{'fits' if r['peak'] < 80 * 0.93 else 'NO':>9s}")  # ~7% of 80 GB: CUDA context, fragmentation
+
+
 config = dict(
+    memory=False,  # print the per-GPU memory table of the paper settings (no GPU needed) and exit
+    mem_world=8, mem_prompt=1024, mem_lora_r=64,  # the table's world size, prompt tokens and LoRA rank
     scale="tiny", device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32",
     batch=8,  # sequences per phase (prompts x G)
     prompt_tokens=64, image_px=0,  # image side in pixels (0: 112 for tiny, 448 otherwise)
@@ -99,12 +198,16 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, v in config.items():
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
-        p.add_argument(f"--{k}", type=kind, default=v)
+        p.add_argument(f"--{k}", type=kind, default=v, **(dict(nargs="?", const=True) if isinstance(v, bool) else {}))
     cfg = vars(p.parse_args())
     if cfg["scale"] not in SCALES:
         p.error(f"--scale {cfg['scale']!r}: choose one of {', '.join(SCALES)}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    if cfg["memory"]:
+        print_memory(memory_rows(cfg["mem_world"], cfg["mem_prompt"], cfg["mem_lora_r"]), cfg["mem_world"],
+                     cfg["mem_prompt"], cfg["mem_lora_r"])
+        raise SystemExit
     torch.manual_seed(cfg["seed"])
     dev, dtype = cfg["device"], getattr(torch, cfg["dtype"])
     model, ids = build(cfg["scale"], dtype, dev)

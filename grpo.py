@@ -29,8 +29,13 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 from tqdm import tqdm
 
 import vlm
@@ -50,6 +55,7 @@ config = dict(
     beta=0.04,  # weight of the k3 KL to the initial model; 0 loads no reference model
     eps_low=0.2, eps_high=0.2,  # clip range [1 - eps_low, 1 + eps_high]; DAPO's clip-higher: --eps_high 0.28
     mu=1,  # updates per rollout batch
+    old_pass=False,  # at mu = 1 pi_old is the policy itself and the old pass is skipped, unless this is set
     loss_agg="seq-mean",  # seq-mean (VLM-R1, TRL) | token-mean (EasyR1, DAPO)
     filter_groups=False,  # DAPO: drop groups whose rewards are all equal
     steps=60, lr=1e-4, weight_decay=0.0, grad_clip=1.0,  # lr: tiny model; real models use 1e-6
@@ -58,6 +64,12 @@ config = dict(
     device="cuda" if torch.cuda.is_available() else "cpu",
     dtype="bfloat16" if torch.cuda.is_available() else "float32",  # autocast dtype; weights stay float32
     threads=0,  # torch CPU threads (0: torch's default)
+    # 7-11B models (notes/scale.md, bench.py's memory table). --fsdp: FSDP2 shards weights, grads and AdamW state
+    # over the ranks; --lora_r N: train rank-N adapters only (peft), the frozen base doubling as the reference.
+    # Either way checkpoints are sharded (out_dir/dcp) and the full model is written to out_dir at the end.
+    fsdp=False, ref_offload=False,  # ref_offload: the FSDP reference model's shards live in CPU memory
+    lora_r=0, lora_alpha=32.0, lora_vision=False,  # lora_vision: adapt the vision tower and projector too
+    export=False,  # with --resume: write out_dir's full model from the last sharded checkpoint, train nothing
 )
 
 
@@ -328,23 +340,36 @@ def placeholders(model):
 
 # ----------------------------------------------------------------------------
 # per-token log-probs, advantages, loss
+def next_token_logits(model, inputs, n, temperature):
+    """The (N, n, vocab) next-token logits / T at the n completion positions: the logits at position P-1+t
+    predict completion token t, so keep the last n+1 positions and drop the final one. Divided by T: the samples
+    came from softmax(logits / T). Placeholders get finfo.min, not -inf: 0 * log 0 must stay 0."""
+    logits = model(**inputs, logits_to_keep=n + 1).logits[:, :-1].float() / temperature
+    logits[..., placeholders(model)] = torch.finfo(logits.dtype).min
+    return logits
+
+
 def token_logprobs(model, inputs, ids, temperature, entropy=False):
     """log pi(o_t | I, q, o_<t) of every completion token (N, T) and, if asked, the entropy of the whole
-    next-token distribution at t. Logits are divided by T: the samples came from softmax(logits / T)."""
-    # the logits at position P-1+t predict completion token t: keep the last T+1 positions, drop the final one
-    logits = model(**inputs, logits_to_keep=ids.shape[1] + 1).logits[:, :-1].float() / temperature
-    logits[..., placeholders(model)] = torch.finfo(logits.dtype).min  # not -inf: 0 * log 0 must stay 0
-    logp = logits.log_softmax(-1)
+    next-token distribution at t (no grad: it is logged, not trained on)."""
+    logp = next_token_logits(model, inputs, ids.shape[1], temperature).log_softmax(-1)
     lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return lp, (-(logp.exp() * logp).sum(-1) if entropy else None)
+    with torch.no_grad():
+        return lp, (-(logp.exp() * logp).sum(-1) if entropy else None)
 
 
 @torch.no_grad()
-def token_stats(model, inputs, ids, temperature, micro_batch_size):
-    """(log pi, entropy), each (N, T), of a whole chunk, micro-batched, no grad."""
-    parts = [token_logprobs(model, take(inputs, mb, vlm.family(model)), ids[mb], temperature, entropy=True)
-             for mb in micro_batches(len(ids), micro_batch_size)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+def token_stats(model, inputs, ids, temperature, micro_batch_size, signals=None):
+    """[log pi, entropy, *signals], each (N, T), of a whole chunk, micro-batched, no grad. signals(mb, logits):
+    a method's own per-token signals from one extra forward (vepo.py's perturbed image, vicra.py's image-free
+    prompt), handed the clean logits of micro-batch mb while they are alive, so that nothing is run twice."""
+    parts = []
+    for mb in micro_batches(len(ids), micro_batch_size):
+        logits = next_token_logits(model, take(inputs, mb, vlm.family(model)), ids.shape[1], temperature)
+        logp = logits.log_softmax(-1)
+        parts.append((logp.gather(-1, ids[mb].unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1),
+                      *(signals(mb, logits) if signals else ())))
+    return [torch.cat(p) for p in zip(*parts)]
 
 
 def group_advantages(rewards, G):
@@ -381,12 +406,78 @@ def policy_loss(logp, logp_old, adv, mask, n_tok, n_seq, eps_low, eps_high, loss
 def optimizer_step(model, opt, grad_clip, ok=True):
     """Clip the gradient norm and step; skip (keeping weights and Adam state) if the norm is not finite.
     Gradients are all-reduced before this, so every rank sees the same norm and makes the same choice."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
     stepped = ok and math.isfinite(norm)
     if stepped:
         opt.step()
     opt.zero_grad(set_to_none=True)
     return norm, stepped
+
+
+# ----------------------------------------------------------------------------
+# scale: FSDP2 sharding and LoRA adapters (notes/scale.md)
+def shard(model, dtype, offload=False):
+    """FSDP2 (fully_shard) on every block the model names in _no_split_modules (its decoder layers and vision
+    blocks: every HF family declares them), then on the root (embeddings, lm_head, norms). A block's weights are
+    all-gathered just before its forward and backward and freed after, so a GPU holds 1/world of the fp32
+    weights, grads and AdamW state plus a block or two in full. Mixed precision: blocks compute with the
+    weights cast to dtype (bf16 on CUDA), gradients are reduce-scattered and kept in fp32, the shards stay fp32.
+    offload: the shards live in CPU memory (the frozen reference model, --ref_offload)."""
+    kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+              offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    blocks = set(model._no_split_modules or ())
+    for m in model.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    # generate() enters the root's FSDP hooks first (it runs the vision tower outside forward()). transformers,
+    # seeing an FSDP module, decodes in lockstep across ranks (synced_gpus: a rank that is done keeps stepping
+    # until all are), so every rank runs the same forwards and the FSDP states stay alike
+    register_fsdp_forward_method(model, "generate")
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP2: gather the whole model once for generation and keep it gathered through every decoding step, then
+    free it; otherwise each of the hundreds of decoding steps would all-gather every block again. The cost: the
+    full model in the compute dtype on every GPU while generating (2 bytes x parameters: 16 GB for 8B) on top
+    of its shards. Every rank must enter (the gather is collective). A no-op on a model that is not sharded."""
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            if m is not model:  # the root keeps its default: not resharded after forward (backward needs it)
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def reference_weights(model, dtype):
+    """The frozen reference stored at the precision the policy computes with under autocast: Linear weights and
+    biases in dtype (autocast rounds the policy's float32 ones to dtype at every use: the same values, half the
+    memory), the rest (norms, embeddings, a head tied to them) float32 like the policy's."""
+    emb = model.get_input_embeddings().weight
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight is not emb:
+            m.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def add_lora(model, r, alpha, vision=False):
+    """peft LoRA (Hu et al. 2021) on every Linear layer of the language model (model.get_decoder(), whatever the
+    family) and, with vision=True, of the vision tower and projector; never the output head. All else is frozen.
+    B starts at 0, so the adapted model is the base model at step 0. No dropout: the old pass (eval mode) and
+    the update (train mode) must score the same policy."""
+    from peft import LoraConfig, get_peft_model
+    lm, head = set(map(id, model.get_decoder().modules())), model.get_output_embeddings()
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and m is not head and (vision or id(m) in lm)]
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=names))
 
 
 # ----------------------------------------------------------------------------
@@ -406,13 +497,48 @@ def evaluate(model, processor, fam, rows, batch_size=32, max_new_tokens=64):
     return dict(acc=acc / len(rows), format=fmt / len(rows))
 
 
-def save(out_dir, model, processor, opt, step, pos):
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+def save(out_dir, model, processor, opt, step, pos, sharded=False):
+    """Plain: rank 0 writes the full model (save_pretrained) and the optimizer to state.pt. sharded (--fsdp,
+    --lora_r): every rank writes its own shards of the trainable weights and of the AdamW state to out_dir/dcp
+    (torch.distributed.checkpoint: no rank ever holds a full copy; LoRA: the adapters only), rank 0 the step,
+    data position and RNG to state.pt; export() writes the full model at the end. Call on every rank."""
+    if sharded:
+        msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save(dict(model=msd, optimizer=osd), checkpoint_id=os.path.join(out_dir, "dcp"))
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    if not sharded:
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
     rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(dict(optimizer=opt.state_dict(), step=step, pos=pos, rng=rng), os.path.join(out_dir, "state.pt.tmp"))
+    torch.save(dict(optimizer=None if sharded else opt.state_dict(), step=step, pos=pos, rng=rng),
+               os.path.join(out_dir, "state.pt.tmp"))
     os.replace(os.path.join(out_dir, "state.pt.tmp"), os.path.join(out_dir, "state.pt"))  # never half-written
+
+
+def load_sharded(out_dir, model, opt):
+    """Read save(sharded=True)'s weights and AdamW state into the (sharded) model and optimizer, in place;
+    DCP reshards if the world size changed."""
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    sd = dict(model=msd, optimizer=osd)
+    dcp.load(sd, checkpoint_id=os.path.join(out_dir, "dcp"))  # raises if the checkpoint lacks any of them
+    # not strict: LoRA's frozen base is not in sd (it is the initial model, already loaded)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def export(out_dir, model, processor, lora=False):
+    """One save_pretrained folder of the full model, which vlm.load reads like any hub model. FSDP: the shards are
+    gathered into rank 0's CPU memory one tensor at a time (full_state_dict, cpu_offload), never whole on a
+    GPU. LoRA: the adapters are merged into the weights, W + (alpha / r) B A (peft's merge_and_unload; in
+    place, so this ends the run). Call on every rank."""
+    if lora:
+        model = model.merge_and_unload()
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(out_dir, state_dict=sd)
+        processor.save_pretrained(out_dir)
 
 
 def all_sum(stats, device):
@@ -428,6 +554,10 @@ def all_sum(stats, device):
 if __name__ == "__main__":
     cfg = parse_config(config)
     assert cfg["loss_agg"] in ("seq-mean", "token-mean") and cfg["temperature"] > 0 and cfg["G"] >= 2
+    if cfg["fsdp"] and cfg["lora_r"]:
+        raise ValueError("--fsdp and --lora_r together are not supported: LoRA's frozen base fits one GPU (bench.py)")
+    if cfg["export"] and not cfg["resume"]:
+        raise ValueError("--export writes the model of a checkpoint: add --resume (and the run's --out_dir)")
     # DDP: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is a world of one
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cfg["device"] == "cuda" else cfg["device"])
@@ -444,21 +574,49 @@ if __name__ == "__main__":
     torch.manual_seed(cfg["seed"])
     train = [r for p in cfg["data"].split(",") for r in load_rows(p)]
     val = [load_rows(p)[:cfg["val_n"]] for p in cfg["val"].split(",")]
-    model, processor, fam = vlm.load(cfg["out_dir"] if cfg["resume"] else cfg["model"], device)
+    # sharded checkpoints hold the trainable weights only: the run restarts from the initial model and reads them
+    sharded, lora, fsdp = cfg["fsdp"] or cfg["lora_r"] > 0, cfg["lora_r"] > 0, cfg["fsdp"]
+    # LoRA: the frozen base in the compute dtype (bf16 on CUDA; only the fp32 adapters need master weights).
+    # FSDP: loaded into CPU memory; fully_shard moves each rank's shards to its GPU
+    model, processor, fam = vlm.load(cfg["out_dir"] if cfg["resume"] and not sharded else cfg["model"],
+                                     "cpu" if fsdp else device, dtype if lora else torch.float32)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # the frozen initial policy for the KL term; not even loaded when beta == 0
-    ref = vlm.load(cfg["model"], device, dtype)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if lora:
+        model = add_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_vision"])
+    # The frozen initial policy for the KL term; not even loaded when beta == 0. It runs exactly the policy's
+    # computation, so KL is exactly 0 at step 0: FSDP casts every weight to dtype for compute (store it so), autocast
+    # only Linear layers' (reference_weights). LoRA: the policy itself with its adapters off, no second copy.
+    ref, ref_off = None, contextlib.nullcontext
+    if cfg["beta"] > 0 and lora:
+        ref, ref_off = model, model.disable_adapter
+    elif cfg["beta"] > 0 and fsdp:
+        ref = vlm.load(cfg["model"], "cpu", dtype)[0].eval().requires_grad_(False)
+    elif cfg["beta"] > 0:
+        ref = reference_weights(vlm.load(cfg["model"], device)[0], dtype)
+    if fsdp:
+        shard(model, dtype)
+        if ref is not None:
+            shard(ref, dtype, offload=cfg["ref_offload"] and device.type == "cuda")  # (on a CPU it is there already)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                            weight_decay=cfg["weight_decay"])
     step, pos = 0, 0  # optimizer steps done, prompts consumed (the data position)
     if cfg["resume"]:
         st = torch.load(os.path.join(cfg["out_dir"], "state.pt"), weights_only=False)
-        opt.load_state_dict(st["optimizer"])
+        if sharded:
+            load_sharded(cfg["out_dir"], model, opt)
+        else:
+            opt.load_state_dict(st["optimizer"])
         step, pos, rng = st["step"], st["pos"], st["rng"]
         torch.set_rng_state(rng["torch"]), random.setstate(rng["python"]), np.random.set_state(rng["numpy"])
         if rng["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg["export"]:
+        cfg["steps"] = step  # nothing to train: the export after the loop is all
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not fsdp else model
+    # at mu = 1 the old policy is the current one: the update's own log-probs, detached, are log pi_old (ratio
+    # exactly 1, as TRL), which saves a forward over the batch; the methods need pi_old before step 4 (--old_pass)
+    old_pass = cfg["mu"] > 1 or cfg["old_pass"]
     B, G, T, A, mbs = cfg["batch_size"], cfg["G"], cfg["temperature"], cfg["grad_accum"], cfg["micro_batch_size"]
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -476,8 +634,11 @@ if __name__ == "__main__":
             wandb.log(rec, step=rec["step"])
 
     def validate():
-        with amp():
-            return {f"val_{rows[0]['task']}_{k}": v for rows in val
+        """Rank 0 evaluates. Under FSDP every rank runs the same evaluation on the gathered weights (rank 0's
+        figures are logged): generate decodes in lockstep across ranks (see shard), and with rank 0 generating
+        alone the ranks' FSDP states also went apart (a collective mismatch at the next gather, 2 gloo ranks)."""
+        with amp(), gathered(model):
+            return {f"val_{rows[0]['task']}_{k}": v for rows in val if master or fsdp
                     for k, v in evaluate(model, processor, fam, rows, mbs, cfg["max_new_tokens"]).items()}
 
     stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit; the ranks agree through the all-reduce
@@ -487,8 +648,10 @@ if __name__ == "__main__":
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
     signal.signal(signal.SIGINT, request_stop), signal.signal(signal.SIGTERM, request_stop)
-    if master and step == 0 and cfg["eval_every"] > 0:
-        write(dict(step=0, **validate()))
+    if step == 0 and cfg["eval_every"] > 0:
+        ev = validate()
+        if master:
+            write(dict(step=0, **ev))
     for step in tqdm(range(step, cfg["steps"]), initial=step, total=cfg["steps"], disable=not master):
         t0 = time.time()
         # 1-2. rollout and reward, chunk by chunk; global chunk g = rank * grad_accum + a
@@ -500,19 +663,26 @@ if __name__ == "__main__":
             torch.manual_seed(seed), random.seed(seed)
             rows = [train[i] for i in chunk_indices(len(train), cfg["seed"], pos, g, B)]
             images = [load_image(r) for r in rows]
-            with amp():
+            with amp(), gathered(model):
                 inputs, ids, mask, texts = rollout(model, processor, rows, images, G, cfg["max_new_tokens"], T)
             rep = [(row, im) for row, im in zip(rows, images) for _ in range(G)]  # prompt-major, as sampled
             r = torch.tensor([reward(row, text, fam, im.size, wh) for (row, im), text, wh
                               in zip(rep, texts, vlm.seen_sizes(processor, fam, inputs))], device=device)
             chunks.append(dict(rows=rows, images=images, inputs=inputs, ids=ids, mask=mask.float(), rewards=r))
         t1 = time.time()
-        # 3. old pass: log pi_old and the policy's entropy at every sampled token (+ log pi_ref for the KL)
-        for c in chunks:
+        # 3. old pass: log pi_old and the policy's entropy at every sampled token (skipped at mu = 1, see
+        # old_pass: the update fills them in), and log pi_ref for the KL
+        for a, c in enumerate(chunks):
+            signals = None  # a method's extra forward, fed the clean logits micro-batch by micro-batch
             with amp():
-                c["logp_old"], c["entropy"] = token_stats(model, c["inputs"], c["ids"], T, mbs)
+                if old_pass:
+                    c["logp_old"], c["entropy"], *c["signals"] = token_stats(model, c["inputs"], c["ids"], T, mbs,
+                                                                             signals)
+                else:
+                    c["logp_old"], c["entropy"] = torch.zeros_like(c["mask"]), torch.zeros_like(c["mask"])
                 if ref is not None:
-                    c["logp_ref"] = token_stats(ref, c["inputs"], c["ids"], T, mbs)[0]
+                    with ref_off():
+                        c["logp_ref"] = token_stats(ref, c["inputs"], c["ids"], T, mbs)[0]
         # 4. advantages: GRPO gives every token of completion i the same A_i
         for c in chunks:
             c["adv"] = group_advantages(c["rewards"][:, 0], G)[:, None] * c["mask"]  # (N, T)
@@ -522,7 +692,7 @@ if __name__ == "__main__":
         for c in chunks:
             r, m = c["rewards"], c["mask"]
             S.update(reward=r[:, 0].sum().item(), format=r[:, 1].sum().item(), accuracy=r[:, 2].sum().item(),
-                     seqs=len(r), tokens=m.sum().item(), entropy=(c["entropy"] * m).sum().item(),
+                     seqs=len(r), tokens=m.sum().item(),
                      std0=c["flat"].sum().item(), groups=len(c["flat"]), loss_tokens=c["loss_mask"].sum().item(),
                      loss_seqs=(c["loss_mask"].sum(1) > 0).sum().item())
         S = all_sum(S, device)  # the global counts normalise the loss
@@ -534,10 +704,13 @@ if __name__ == "__main__":
         work = [(c, mb) for c in chunks for mb in micro_batches(len(c["ids"]), mbs)]
         for _ in range(cfg["mu"]):
             for k, (c, mb) in enumerate(work):
-                # DDP all-reduces gradients on the last backward only, and averages them: hence loss * world
-                with contextlib.nullcontext() if world == 1 or k == len(work) - 1 else ddp_model.no_sync():
+                # DDP all-reduces gradients on the last backward only, and averages them: hence loss * world.
+                # FSDP reduce-scatters (averaging) at every backward: skipping it would hold full-size gradients
+                with contextlib.nullcontext() if world == 1 or fsdp or k == len(work) - 1 else ddp_model.no_sync():
                     with amp():
-                        logp = token_logprobs(ddp_model, take(c["inputs"], mb, fam), c["ids"][mb], T)[0]
+                        logp, H = token_logprobs(ddp_model, take(c["inputs"], mb, fam), c["ids"][mb], T, not old_pass)
+                    if not old_pass:  # mu = 1: pi_old = pi, and the logged entropy comes from this pass
+                        c["logp_old"][mb], c["entropy"][mb] = logp.detach(), H
                     loss, clipped, kl = policy_loss(
                         logp, c["logp_old"][mb], c["adv"][mb], c["loss_mask"][mb], max(S["loss_tokens"], 1),
                         max(S["loss_seqs"], 1), cfg["eps_low"], cfg["eps_high"], cfg["loss_agg"], cfg["beta"],
@@ -545,27 +718,30 @@ if __name__ == "__main__":
                     (loss * world).backward()
                 U.update(loss=loss.item(), clipped=clipped, kl=kl)
             norms.append(optimizer_step(model, opt, cfg["grad_clip"], ok=S["loss_seqs"] > 0))
+        U.update(entropy=sum((c["entropy"] * c["mask"]).sum().item() for c in chunks))
         U = all_sum(U, device)
         pos += world * A * B
         t3 = time.time()
-        # logging, eval, checkpoints: rank 0 only
+        # logging: rank 0; eval and checkpoints: every rank takes part (FSDP gathers, DCP writes shards)
+        last = step + 1 == cfg["steps"] or U["stop"] > 0
+        ev = validate() if cfg["eval_every"] > 0 and ((step + 1) % cfg["eval_every"] == 0 or last) else {}
         if master:
             n, mu, skipped = max(S["loss_tokens"], 1) * cfg["mu"], cfg["mu"], sum(not ok for _, ok in norms)
             rec = dict(step=step + 1, reward=S["reward"] / S["seqs"], reward_format=S["format"] / S["seqs"],
-                       reward_accuracy=S["accuracy"] / S["seqs"], entropy=S["entropy"] / S["tokens"],
+                       reward_accuracy=S["accuracy"] / S["seqs"], entropy=U["entropy"] / S["tokens"],
                        length=S["tokens"] / S["seqs"], kl=U["kl"] / n, clip_frac=U["clipped"] / n,
                        std0_frac=S["std0"] / S["groups"], loss=U["loss"] / mu, grad_norm=norms[-1][0],
                        skipped=skipped, t_rollout=t1 - t0, t_old=t2 - t1, t_train=t3 - t2, t_step=t3 - t0,
                        tokens_per_s=S["tokens"] / (t3 - t0))
             if skipped:
                 tqdm.write(f"step {step + 1}: non-finite gradient norm or no group left: update skipped")
-            last = step + 1 == cfg["steps"] or U["stop"] > 0
-            if cfg["eval_every"] > 0 and ((step + 1) % cfg["eval_every"] == 0 or last):
-                rec.update(validate())
+            rec.update(ev)
             write(rec)
-            if (cfg["save_every"] > 0 and (step + 1) % cfg["save_every"] == 0) or last:
-                save(cfg["out_dir"], model, processor, opt, step + 1, pos)
+        if (cfg["save_every"] > 0 and (step + 1) % cfg["save_every"] == 0) or last:
+            save(cfg["out_dir"], model, processor, opt, step + 1, pos, sharded)
         if U["stop"] > 0:
             break
+    if sharded:  # the full model, once (LoRA: merged), for vlm.load and egg_ground.py
+        export(cfg["out_dir"], model, processor, lora)
     if world > 1:
         dist.destroy_process_group()
