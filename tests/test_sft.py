@@ -148,3 +148,93 @@ def test_soft_loss_matches_a_token_by_token_reference(tiny):
     assert sft.sft_loss(fake, {}, labels, soft).item() == pytest.approx(torch.stack(ref).mean().item(), rel=1e-6)
     plain = torch.stack([-logp[i, t, int(labels[i, t + 1])] for i in range(2) for t in range(8) if labels[i, t + 1] != -100])
     assert sft.sft_loss(fake, {}, labels, None).item() == pytest.approx(plain.mean().item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the binding levers (issue 23)
+def row_with(objects, **kw):
+    return dict({"task": "reasoning", "width": 112, "height": 112,
+                 "objects": [{"colour": c, "shape": s, "box": b} for c, s, b in objects]}, **kw)
+
+
+def test_about_names_the_objects_the_text_is_about():
+    objs = [("red", "circle", [0, 0, 20, 20]), ("blue", "circle", [40, 0, 60, 20]), ("red", "square", [80, 0, 99, 20])]
+    q = lambda text: sft.about(row_with(objs, question=text))  # noqa: E731
+    assert q("What colour is the square?") == [[80, 0, 99, 20]]
+    assert q("What shape is the blue object?") == [[40, 0, 60, 20]]
+    assert q("How many red shapes are there?") == [[0, 0, 20, 20], [80, 0, 99, 20]]
+    assert q("How many circles are there?") == [[0, 0, 20, 20], [40, 0, 60, 20]]
+    assert q("How many triangles are there?") == []  # an absent shape: nothing is asked about
+    assert sft.about(dict(row_with(objs, task="grounding", query="the blue circle"), box=[40, 0, 60, 20])) == [[40, 0, 60, 20]]
+    assert sft.about({"task": "reasoning", "question": "What colour is the square?"}) is None  # no objects: no target
+
+
+def test_aux_targets_by_hand(tiny):
+    """16-px cells (patch 8 x merge 2) in raster order; positive when the overlap is > 2 px in both axes."""
+    _, processor, _ = tiny
+    from PIL import Image
+    rows = [row_with([("green", "triangle", [20, 20, 40, 40]), ("red", "square", [30, 60, 34, 80])],
+                     question="What colour is the triangle?"),
+            row_with([("red", "square", [30, 60, 34, 80])], question="What colour is the square?"),
+            {"task": "reasoning", "width": 112, "height": 112, "question": "What colour is the square?"}]
+    img = Image.new("RGB", (112, 112))
+    batch = sft.encode_prompts(processor, rows, [img] * 3, [True, True, True])
+    t = sft.aux_targets(processor, rows, [True, True, True], batch)
+    assert len(t["bind"]) == 3 * 49 == int((batch["input_ids"] == processor.image_token_id).sum())
+    on = {k for k in range(49) if t["bind"][k] == 1}
+    assert on == {7 * 1 + 1, 7 * 1 + 2, 7 * 2 + 1, 7 * 2 + 2}  # x, y overlaps 12 and 8 px with cells 1 and 2
+    green, triangle = list(sft.COLOURS).index("green"), sft.SHAPES.index("triangle")
+    assert all(t["colour"][k] == green and t["shape"][k] == triangle for k in on)
+    # the 4-px-wide square overlaps its cells by exactly 2 px in x: under no token, asked about or not
+    assert t["bind"][49:98].sum() == 0 and (t["colour"][49:98] == len(sft.COLOURS)).all()
+    assert t["valid"][:98].all() and not t["valid"][98:].any()  # the row without objects gets no loss
+    assert (t["shape"][:49] == len(sft.SHAPES)).sum() == 49 - 4
+
+
+def test_soft_sigma_is_in_pixels_of_the_image():
+    assert sft.sigma_units(1.5, vlm.FAMILIES["qwen2_5_vl"], 112) == 1.5
+    assert sft.sigma_units(1.5, vlm.FAMILIES["qwen3_vl"], 112) == pytest.approx(1.5 * 1000 / 112, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_q3(shapes, tmp_path_factory):
+    torch.set_num_threads(1)
+    rows = shapes["grounding_train"] + shapes["reasoning_train"] + shapes["detail_train"]
+    corpus = [sft.prompt_text(r) for r in rows] + [sft.target_of(r, vlm.FAMILIES["qwen3_vl"], (112, 112), None)
+                                                 for r in rows if r["task"] == "grounding"] + ["user\n", "assistant\n"]
+    model, processor = vlm.build_tiny(corpus, seed=0, arch="qwen3_vl", hidden=48, layers=2, vision_hidden=32)
+    return model, processor, vlm.family(model)
+
+
+def test_aux_heads_train_and_are_never_saved(shapes, tiny_q3, tmp_path):
+    """A few steps of LM + auxiliary losses lower both; the saved checkpoint holds exactly the model's tensors
+    and loads with vlm.load and with plain transformers, no missing or unexpected keys."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+    model, processor, fam = tiny_q3
+    rows = shapes["grounding_train"][:4] + shapes["reasoning_train"][:4]
+    batch, labels = sft.sft_batch(processor, fam, rows, [True] * 8, "cpu")
+    targets = sft.aux_targets(processor, rows, [True] * 8, batch)
+    assert targets["bind"].sum() > 0
+    heads = sft.aux_heads(48, (1.0, 1.0))
+    soft = sft.coordinate_soft_targets(processor.tokenizer, sft.sigma_units(1.5, fam, 112))
+    opt = torch.optim.AdamW(list(model.parameters()) + [heads["W"], heads["b"]], lr=2e-3)
+    parts = []
+    for _ in range(10):
+        loss, p = sft.sft_loss(model, batch, labels, soft, heads, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        parts.append(p)
+    assert parts[-1]["bind"] < 0.8 * parts[0]["bind"] and parts[-1]["attr"] < 0.8 * parts[0]["attr"], parts
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert set(saved) == {k for k in model.state_dict() if "lm_head" not in k}  # tied lm_head is not stored
+    assert tuple(heads["W"].shape) not in saved.values()  # the (hidden, 12) head map is nowhere in the file
+    _, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    loaded, _, fam2 = vlm.load(str(tmp_path))
+    assert fam2["box"] == "norm1000"
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
