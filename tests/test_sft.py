@@ -46,6 +46,11 @@ def test_targets_are_perfect_answers(shapes, tiny):
         assert fmt == 1.0 and acc == pytest.approx(1.0)
     for r in shapes["reasoning_train"][:5]:
         assert reasoning_reward(sft.target_of(r, fam, None, None), r["answer"]) == (1.0, 1.0, 1.0)
+    q3 = vlm.FAMILIES["qwen3_vl"]  # norm1000: rounding to 1/1000 of 112 px moves an edge by < 0.06 px
+    for r in shapes["grounding_train"][:5]:
+        wh = (r["width"], r["height"])
+        total, fmt, acc = grounding_reward(sft.target_of(r, q3, wh, None), r["box"], q3, wh, None)
+        assert fmt == 1.0 and acc > 0.99
 
 
 def test_soft_targets_are_gaussians_over_same_spelling_neighbours(tiny):
