@@ -48,7 +48,7 @@ config = dict(
     model="tiny",  # 'tiny' builds a fresh tiny model (vlm.build_tiny); otherwise a path or hub id
     data="data/shapes/grounding_train.jsonl,data/shapes/reasoning_train.jsonl,data/shapes/detail_train.jsonl",
     val="data/shapes/grounding_val.jsonl,data/shapes/reasoning_val.jsonl,data/shapes/detail_val.jsonl",
-    mix="0.4,0.5,0.1",  # probability of a batch from each data file (notes/sft.md, "Sixth attempt")
+    mix="0.6,0.3,0.1",  # probability of a batch from each data file (notes/sft.md, "Sixth attempt")
     out="checkpoints/tiny-shapes",
     steps=2000, batch_size=16, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
     vision_lr=0.1,  # the vision tower's lr as a fraction of lr (see below)
@@ -192,6 +192,17 @@ def sigma_units(sigma_px, fam, width):
     return sigma_px * vlm.from_pixels([0, 0, 100, 100], fam, (width, width), (width, width))[2] / 100
 
 
+def coordinate_openers(tokenizer):
+    """(vocab,) bool: tokens after which a number is a box coordinate ('[' or ','). Soft labels apply only
+    there: a count answer ("{3}") and the 2 of "bbox_2d" are number tokens too, and a Gaussian of 13
+    norm1000 units over them would make every count, and the format's key, look alike (notes/sft.md)."""
+    V = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    out = torch.zeros(V, dtype=torch.bool)
+    for tok, i in tokenizer.get_vocab().items():
+        out[i] = tokenizer.convert_tokens_to_string([tok]).rstrip().endswith(("[", ","))
+    return out
+
+
 def sft_batch(processor, fam, rows, with_image, device):
     """input tensors + labels (-100 on prompt and padding) for teacher forcing."""
     images = [load_image(r) for r in rows]
@@ -228,6 +239,9 @@ def sft_loss(model, batch, labels, soft, heads=None, targets=None):
 
 
 def token_loss(logits, labels, soft):
+    """soft: None (one-hot), (ids, weights) from coordinate_soft_targets (every number token soft), or
+    (ids, weights, openers): soft only for a number right after a coordinate opener (coordinate_openers)."""
+    prev = labels[:, :-1]
     logits = logits[:, :-1].float()
     labels = labels[:, 1:]
     valid = labels != -100
@@ -236,8 +250,10 @@ def token_loss(logits, labels, soft):
     if soft is None:
         nll = -logp.gather(1, y[:, None])[:, 0]
     else:  # cross-entropy against each token's target distribution: a Gaussian for coordinates, else one-hot
-        ids, w = soft
+        ids, w = soft[0], soft[1]
         nll = -(logp.gather(1, ids[y]) * w[y]).sum(1)
+        if len(soft) == 3:  # a number not right after '[' or ',' is not a coordinate: one-hot
+            nll = torch.where(soft[2][prev[valid].clamp(min=0)], nll, -logp.gather(1, y[:, None])[:, 0])
     return nll.mean()
 
 
@@ -267,7 +283,8 @@ if __name__ == "__main__":
     if cfg["soft_sigma"] > 0:
         W = next((r["width"] for rows in train for r in rows[:1] if r["task"] == "grounding"), 112)
         sigma = sigma_units(cfg["soft_sigma"], fam, W)
-        soft = tuple(t.to(cfg["device"]) for t in coordinate_soft_targets(processor.tokenizer, sigma))
+        soft = tuple(t.to(cfg["device"]) for t in coordinate_soft_targets(processor.tokenizer, sigma)
+                     + (coordinate_openers(processor.tokenizer),))
         print(f"soft labels: sigma {cfg['soft_sigma']} px = {sigma:.1f} {fam['box']} units")
     heads = None
     if cfg["aux_bind"] or cfg["aux_attr"]:
@@ -301,13 +318,10 @@ if __name__ == "__main__":
         with_image = [r["task"] == "grounding" or random.random() >= cfg["drop_image"] for r in rows]
         batch, labels = sft_batch(processor, fam, rows, with_image, cfg["device"])
         parts = {}
-        # soft labels on grounding batches only: they are for box coordinates; a count answer ("3") is a number
-        # token too, and a Gaussian of 13 norm1000 units over it would make every count look alike
-        soft_k = soft if pool[0]["task"] == "grounding" else None
         if heads is None:
-            loss = sft_loss(model, batch, labels, soft_k)
+            loss = sft_loss(model, batch, labels, soft)
         else:
-            loss, parts = sft_loss(model, batch, labels, soft_k, heads, aux_targets(processor, rows, with_image, batch))
+            loss, parts = sft_loss(model, batch, labels, soft, heads, aux_targets(processor, rows, with_image, batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])

@@ -243,3 +243,26 @@ def test_aux_heads_train_and_are_never_saved(shapes, tiny_q3, tmp_path):
     assert fam2["box"] == "norm1000"
     with torch.no_grad():
         assert torch.equal(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
+
+
+def test_soft_labels_only_on_coordinates(tiny):
+    """With coordinate_openers, a number is soft only right after '[' or ','; the count in '{3}' and the 2 of
+    'bbox_2d' stay one-hot (run 1 of notes/sft.md's sixth attempt smeared them and lost counting)."""
+    _, processor, _ = tiny
+    tok = processor.tokenizer
+    ids, w = sft.coordinate_soft_targets(tok, 1.5)
+    openers = sft.coordinate_openers(tok)
+    assert {tok.convert_tokens_to_string([t]).strip() for t, i in tok.get_vocab().items() if openers[i]} <= {"[", ","}
+    text = '<answer>{"bbox_2d": [40, 41]}</answer> \\boxed{3}'
+    y = tok(text, add_special_tokens=False)["input_ids"]
+    labels = torch.tensor([[-100] + y])
+    torch.manual_seed(0)
+    logits = torch.randn(1, len(y) + 1, len(tok))
+    logp = torch.log_softmax(logits[0, :-1], -1)
+    coord = {i for i in range(1, len(y)) if openers[y[i - 1]]}  # label index i (of y) is predicted at position i
+    assert [tok.decode([y[i]]).strip() for i in sorted(coord)] == ["40", "41"]
+    ref = [-(logp[i, ids[y[i]]] * w[y[i]]).sum() if i in coord else -logp[i, y[i]] for i in range(len(y))]
+    fake = lambda **_: types.SimpleNamespace(logits=logits)  # noqa: E731
+    got = sft.sft_loss(fake, {}, labels, (ids, w, openers))
+    assert got.item() == pytest.approx(torch.stack(ref).mean().item(), rel=1e-6)
+    assert got.item() != pytest.approx(sft.sft_loss(fake, {}, labels, (ids, w)).item(), rel=1e-3)  # "2", "3" differ
