@@ -3,7 +3,9 @@ Supervised fine-tuning (the "w/ SFT" baseline of ECVGPO table 1), and the way
 the shipped tiny checkpoint is made:
 
     python data/shapes/prepare.py
-    python sft.py                       # tiny Qwen2.5-VL from scratch -> checkpoints/tiny-shapes
+    python sft.py                       # tiny Qwen3-VL from scratch -> checkpoints/tiny-shapes (37 min, one thread)
+    # the Qwen2.5-VL design of notes/sft.md sections 1-5 (the old checkpoint also had soft labels on every number):
+    python sft.py --tiny_arch qwen2_5_vl --aux_bind 0 --aux_attr 0 --steps 5000 --mix 0.7,0.22,0.08 --curriculum 2000
 
 Teacher-forced cross-entropy on the answer tokens only, in exactly the answer
 formats the RL scripts reward (prompts and rewards are imported from grpo.py):
