@@ -1,6 +1,6 @@
 """
 Speed and memory of the three phases of one GRPO step on a Qwen2.5-VL with random weights at real
-scale (no hub needed: the configs are written below, the weights are random, the inputs are random
+scale (or the tiny Qwen3-VL of checkpoints/tiny-shapes) (no hub needed: the configs are written below, the weights are random, the inputs are random
 tokens and pixels of the right shapes):
 
   rollout   generate --new_tokens completions for a batch of image prompts (sampling, KV cache)
@@ -24,10 +24,11 @@ import time
 import torch
 
 SCALES = {  # text / vision configs of the released checkpoints (config.json), and of checkpoints/tiny-shapes
-    "tiny": (dict(hidden_size=192, intermediate_size=768, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=1021, tie_word_embeddings=True, mrope=[6, 9, 9], theta=3.0),
+    "tiny": (dict(hidden_size=192, intermediate_size=768, num_hidden_layers=3, num_attention_heads=4, head_dim=48,
+                  num_key_value_heads=4, vocab_size=2509, tie_word_embeddings=True, mrope=[8, 8, 8], theta=1e4,
+                  arch="qwen3_vl"),
              dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=8,
-                  window_size=224, fullatt_block_indexes=[0, 1])),
+                  num_position_embeddings=196, deepstack_visual_indexes=[0, 1])),
     "3b": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, mrope=[16, 24, 24], theta=1e6),
            dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
@@ -142,20 +143,24 @@ config = dict(
 
 
 def build(scale, dtype, device="cpu"):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
     text, vision = (dict(d) for d in SCALES[scale])
-    mrope, theta = text.pop("mrope"), text.pop("theta")
+    mrope, theta, arch = text.pop("mrope"), text.pop("theta"), text.pop("arch", "qwen2_5_vl")
     V = text["vocab_size"]
     ids = dict(image_token_id=V - 5, video_token_id=V - 4, vision_start_token_id=V - 3, vision_end_token_id=V - 2)
-    cfg = Qwen2_5_VLConfig(
+    rope = dict(rope_type="default", rope_theta=theta, mrope_section=mrope)
+    Config, Model = ((Qwen3VLConfig, Qwen3VLForConditionalGeneration) if arch == "qwen3_vl" else
+                     (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration))
+    cfg = Config(
         text_config=dict(text, max_position_embeddings=32768, bos_token_id=0, eos_token_id=V - 1, pad_token_id=0,
-                         rope_parameters=dict(rope_type="default", rope_theta=theta, mrope_section=mrope)),
+                         rope_parameters=dict(rope, mrope_interleaved=True) if arch == "qwen3_vl" else rope),
         vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"]),
         tie_word_embeddings=text["tie_word_embeddings"], **ids)
     # on "meta" only shapes exist (tests count parameters this way); elsewhere transformers' own init runs on
     # the device (normal(0.02) weights, zero biases, unit norms, computed rope buffers), then the cast
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
+        model = Model(cfg)
     return (model if device == "meta" else model.to(dtype)), ids
 
 

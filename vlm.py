@@ -166,10 +166,11 @@ TINY_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, vocab_size=1024,
+def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=None, vocab_size=None,
                hidden=128, layers=4, heads=4, vision_hidden=128, vision_layers=2, patch=8,
-               rope_theta=3.0, mrope_section=None):
-    """A tiny randomly initialised Qwen2.5-VL + processor (saved to out_dir if given).
+               rope_theta=None, mrope_section=None, arch="qwen2_5_vl"):
+    """A tiny randomly initialised Qwen2.5-VL (arch="qwen2_5_vl") or Qwen3-VL (arch="qwen3_vl") + processor
+    (saved to out_dir if given).
 
     corpus: strings the tokenizer's BPE merges are learnt from (prompts and answers).
     Every integer 0..max_coord is forced to be a single token, with and without a
@@ -180,10 +181,26 @@ def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, voca
     the decoder cannot tell columns apart; at theta 3 they turn by 2-3 rad.
     mrope_section (t, h, w) defaults to real Qwen2.5-VL's 1 : 1.5 : 1.5 split of head_dim / 2;
     notes/sft.md has probes with other splits (none shipped).
+
+    arch="qwen3_vl" (notes/sft.md, "Sixth attempt"): the Qwen3-VL design, which binds the query to the
+    image where Qwen2.5-VL did not: a learned absolute position embedding in the vision tower
+    (num_position_embeddings = the patch grid of an image_size image, interpolated for larger ones),
+    interleaved t/h/w rope (every axis gets low and high frequencies, so rope_theta stays 1e4, and the
+    mrope_section is the real model's equal 1 : 1 : 1 split of head_dim / 2), and DeepStack: the
+    vision tower's intermediate features re-added to the visual tokens after decoder layers 0 .. n-1.
+    Its boxes are norm1000 (vlm.FAMILIES), so every integer 0..1000 is a single token (max_coord 1000).
     """
+    qwen3 = arch == "qwen3_vl"
+    if arch not in ("qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"build_tiny: unknown arch {arch!r} (qwen2_5_vl or qwen3_vl)")
+    max_coord = max_coord if max_coord is not None else (1000 if qwen3 else 256)
+    # room for the byte alphabet, 2 x (max_coord + 1) coordinate spellings and ~500 word merges
+    vocab_size = vocab_size or (1024 if max_coord <= 256 else 2 * (max_coord + 1) + 1024)
+    rope_theta = rope_theta if rope_theta is not None else (1e4 if qwen3 else 3.0)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 split: ' ?\d+' stays one piece
     tok.decoder = decoders.ByteLevel()
@@ -201,31 +218,47 @@ def build_tiny(corpus, out_dir=None, seed=0, image_size=112, max_coord=256, voca
         for text in (n, " " + n):
             assert len(tokenizer(text)["input_ids"]) == 1, f"coordinate {text!r} is not a single token"
     size = dict(shortest_edge=(patch * 2) ** 2 * 4, longest_edge=(image_size * 2) ** 2)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
-        video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
-        tokenizer=tokenizer, chat_template=TINY_TEMPLATE)
+    image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size)
+    special = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                   vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    text_cfg = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                    max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=ids("<|endoftext|>"),
+                    eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
     head_dim = hidden // heads
-    sections = list(mrope_section or [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16])  # (t, h, w)
-    if len(sections) != 3 or sum(sections) != head_dim // 2:
-        raise ValueError(f"mrope_section {sections}: need 3 sections summing to head_dim / 2 = {head_dim // 2}")
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=2048, tie_word_embeddings=True,
-                         rope_parameters=dict(rope_type="default", rope_theta=rope_theta,
-                                              mrope_section=sections),
-                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-                         pad_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                           num_heads=heads, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=hidden, window_size=image_size * 2,  # one window: all blocks see it all
-                           fullatt_block_indexes=list(range(vision_layers))),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    if qwen3:
+        processor = Qwen3VLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=TINY_TEMPLATE,
+            video_processor=Qwen3VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size))
+        sections = list(mrope_section or [head_dim // 6] * 3)  # (t, h, w), interleaved
+        if len(sections) != 3 or sum(sections) != head_dim // 2:
+            raise ValueError(f"mrope_section {sections}: need 3 sections summing to head_dim / 2 = {head_dim // 2}")
+        config = Qwen3VLConfig(
+            text_config=dict(text_cfg, head_dim=head_dim, rope_parameters=dict(
+                rope_type="default", rope_theta=rope_theta, mrope_section=sections, mrope_interleaved=True)),
+            vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                               num_heads=heads, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+                               out_hidden_size=hidden, num_position_embeddings=(image_size // patch) ** 2,
+                               deepstack_visual_indexes=list(range(min(vision_layers, layers - 1)))),
+            tie_word_embeddings=True, **special)
+        model = Qwen3VLForConditionalGeneration(config)
+    else:
+        processor = Qwen2_5_VLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=TINY_TEMPLATE,
+            video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size))
+        sections = list(mrope_section or [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16])  # (t, h, w)
+        if len(sections) != 3 or sum(sections) != head_dim // 2:
+            raise ValueError(f"mrope_section {sections}: need 3 sections summing to head_dim / 2 = {head_dim // 2}")
+        config = Qwen2_5_VLConfig(
+            text_config=dict(text_cfg, rope_parameters=dict(rope_type="default", rope_theta=rope_theta,
+                                                        mrope_section=sections)),
+            vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                               num_heads=heads, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+                               out_hidden_size=hidden, window_size=image_size * 2,  # one window: all blocks see it all
+                               fullatt_block_indexes=list(range(vision_layers))),
+            tie_word_embeddings=True, **special)
+        model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     if out_dir:

@@ -59,6 +59,7 @@ def target_and_other(row):
 
 
 def score(ckpt, path=os.path.join(ROOT, "data", "shapes", "bind2_eval.jsonl")):
+    """{qtype: {n, correct, other, in_image, pick_either}} (fractions of n), also printed."""
     model, processor, fam = vlm.load(ckpt, "cpu", torch.float32)
     model.eval()
     rows, c = load_rows(path), collections.Counter()
@@ -74,11 +75,14 @@ def score(ckpt, path=os.path.join(ROOT, "data", "shapes", "bind2_eval.jsonl")):
             c[q, "correct"] += answer == t[key]
             c[q, "other"] += answer == o[key] != t[key]
             c[q, "same"] += t[key] == o[key]
+    out = {}
     for q in QTYPES:
         n = c[q, "n"]
-        print(f"{q}: n={n} correct {c[q, 'correct'] / n:.2f}  other object's {c[q, 'other'] / n:.2f}  "
-              f"in the image {(c[q, 'correct'] + c[q, 'other']) / n:.2f}  "
-              f"(pick-either: correct {0.5 + 0.5 * c[q, 'same'] / n:.2f})")
+        out[q] = dict(n=n, correct=c[q, "correct"] / n, other=c[q, "other"] / n,
+                      in_image=(c[q, "correct"] + c[q, "other"]) / n, pick_either=0.5 + 0.5 * c[q, "same"] / n)
+        print(f"{q}: n={n} correct {out[q]['correct']:.2f}  other object's {out[q]['other']:.2f}  "
+              f"in the image {out[q]['in_image']:.2f}  (pick-either: correct {out[q]['pick_either']:.2f})")
+    return out
 
 
 if __name__ == "__main__":

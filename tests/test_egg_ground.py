@@ -80,10 +80,12 @@ def test_gradient_equals_finite_differences(tiny, rows, name, ref):
     G, lays, info = egg.entropy_gradient(model, processor, image, q, objective=name)
     grid = lays[0]["index"].shape
     assert info["objective"] == pytest.approx(objective_at(model, processor, image, q, ref), rel=1e-9)
-    N, D = G.shape
-    assert (N, D) == (grid[0] * grid[1], model.config.text_config.hidden_size)
+    N, D = G.shape[0], model.config.text_config.hidden_size
+    deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
+    assert G.shape == (grid[0] * grid[1], D * (1 + deepstack))  # Qwen3-VL: pooler output + DeepStack features
+    Gp = G[:, :D]  # objective_at perturbs the pooler output: its columns come first
     rng = np.random.default_rng(0)
-    big = np.unravel_index(np.argsort(-G.abs().numpy(), axis=None)[:3], G.shape)
+    big = np.unravel_index(np.argsort(-Gp.abs().numpy(), axis=None)[:3], Gp.shape)
     coords = list(zip(*big)) + [(rng.integers(N), rng.integers(D)) for _ in range(3)]
     eps = 1e-3  # central difference: truncation O(eps^2), measured ~1e-7 relative here
     for i, d in coords:
@@ -91,7 +93,7 @@ def test_gradient_equals_finite_differences(tiny, rows, name, ref):
         delta[i, d] = eps
         fd = (objective_at(model, processor, image, q, ref, delta)
               - objective_at(model, processor, image, q, ref, -delta)) / (2 * eps)
-        assert G[i, d].item() == pytest.approx(fd, rel=1e-4, abs=1e-10), (name, i, d)
+        assert Gp[i, d].item() == pytest.approx(fd, rel=1e-4, abs=1e-10), (name, i, d)
     assert G.abs().max() > 1e-8  # not zeros against zeros (the tiny model's gradients are ~1e-7: it barely reads the image)
     # saliency = per-token L2 norm, row-major on the grid (eq. 4)
     S = egg.entropy_gradient_map(model, processor, image, q, objective=name)

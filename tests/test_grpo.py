@@ -304,11 +304,15 @@ def test_batched_padded_logprobs_equal_one_sequence_at_a_time(tiny, shapes):
         assert torch.allclose(lp1[0].double(), torch.tensor(by_hand, dtype=torch.float64), atol=1e-5)
         assert torch.allclose(lp[i, :lens[i]], lp1[0], atol=1e-5), (i, (lp[i, :lens[i]] - lp1[0]).abs().max())
         assert torch.allclose(ent[i, :lens[i]], ent1[0], atol=1e-5)
-    # the test can see 3-D positions: without mm_token_type_ids the model falls back to 1-D ones
+    # the test can see 3-D positions: without mm_token_type_ids Qwen2.5-VL falls back to 1-D ones, Qwen3-VL refuses
     flat = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
     with torch.no_grad():
-        lp_flat = grpo.token_logprobs(model, flat, ids, 0.7)[0]
-    assert (lp_flat - lp).abs().max() > 1e-4
+        if model.config.model_type == "qwen3_vl":
+            with pytest.raises(ValueError, match="mm_token_type_ids"):
+                grpo.token_logprobs(model, flat, ids, 0.7)
+        else:
+            lp_flat = grpo.token_logprobs(model, flat, ids, 0.7)[0]
+            assert (lp_flat - lp).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------- whole runs (subprocesses)
@@ -364,7 +368,8 @@ def test_ddp_two_ranks_equals_one_process(tiny, shapes, tmp_path):
 @needs_ckpt
 @pytest.mark.xfail(strict=False, reason="held for the first tiny checkpoint, whose samples broke the answer format "
                    "(+0.31/+0.36/+0.32, seeds 0-2); the current one samples the format already (reward ~1.06 at "
-                   "step 1) and 8 steps move neither format nor IoU: steps 1-3 1.077 -> steps 6-8 1.062")
+                   "step 1) and 8 steps move neither format nor IoU: steps 1-3 1.077 -> steps 6-8 1.062; "
+                   "the tiny Qwen3-VL of issue 23 (seed 0): 1.525 -> 1.313")
 def test_a_few_steps_raise_the_mean_reward(tiny, shapes, tmp_path):
     """Default rollout and loss (4 prompts x 8 samples, lr 1e-4, beta 0.04), seed 0. At temperature 1 the shipped
     checkpoint breaks its answer format in about half its samples (greedy: never); GRPO repairs that in a few steps.

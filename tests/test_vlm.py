@@ -138,3 +138,47 @@ def test_tiny_rope_tells_visual_columns_apart(tiny):
     assert (cols - 1) * w_section.min().item() > 1.0
     usual = 1e4 ** (-torch.arange(inv_freq.numel()) * 2 / (2 * inv_freq.numel()))
     assert (cols - 1) * usual[-len(w_section):].max().item() < 0.02
+
+
+@pytest.fixture(scope="module")
+def tiny_q3(tmp_path_factory):
+    """The Qwen3-VL tiny at sft.py's default size."""
+    torch.set_num_threads(1)
+    path = str(tmp_path_factory.mktemp("tiny_q3"))
+    model, processor = vlm.build_tiny(CORPUS, out_dir=path, seed=0, arch="qwen3_vl", hidden=192, layers=3)
+    return model.eval(), processor, path
+
+
+def test_tiny_qwen3_vl_round_trips_and_writes_norm1000(tiny_q3):
+    model, processor, path = tiny_q3
+    loaded, processor2, fam = vlm.load(path)
+    assert fam["box"] == "norm1000" and fam["model_type"] == "qwen3_vl"
+    inputs = image_inputs(processor2, "the red circle")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded.eval()(**inputs).logits)
+    tok = processor2.tokenizer
+    for v in range(1001):  # every norm1000 value, with and without its leading space
+        assert len(tok(str(v), add_special_tokens=False)["input_ids"]) == 1
+        assert len(tok(f" {v}", add_special_tokens=False)["input_ids"]) == 1
+    vc = model.config.vision_config
+    assert vc.num_position_embeddings == (112 // 8) ** 2 and list(vc.deepstack_visual_indexes) == [0, 1]
+    with pytest.raises(ValueError, match="arch"):
+        vlm.build_tiny(CORPUS, arch="qwen3")
+
+
+def test_tiny_qwen3_vl_rope_is_interleaved(tiny_q3):
+    """Interleaved mrope: the w axis owns every third frequency pair (2, 5, 8, ...), so it gets high
+    frequencies too, and at theta 1e4 the visual columns turn by radians (contrast the Qwen2.5-VL test above)."""
+    model, _, _ = tiny_q3
+    rope = model.model.language_model.rotary_emb
+    pos = torch.full((3, 1, 1), 5)
+    right = pos.clone()
+    right[2] += 100  # far enough that even the lowest frequency (1.4e-4 rad per step) moves cos by > 1e-6
+    cos, _ = rope(torch.zeros(1), pos)
+    cos_right, _ = rope(torch.zeros(1), right)
+    half = cos.shape[-1] // 2
+    changed = ((cos - cos_right).abs()[0, 0, :half] > 1e-6).nonzero()[:, 0].tolist()
+    assert changed == list(range(2, half, 3))
+    inv_freq = rope.inv_freq
+    cols = 112 // 16
+    assert (cols - 1) * inv_freq[changed].max().item() > 1.0
