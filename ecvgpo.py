@@ -1,7 +1,7 @@
 """
 ECVGPO for vision-language models: grpo.py + advantage reshaping by self-information, in one file.
 
-    python ecvgpo.py --r0 -50                # tiny Qwen2.5-VL, shapes grounding, CPU
+    python ecvgpo.py --r0 -50                # tiny Qwen3-VL, shapes grounding, CPU
     python ecvgpo.py --r0 inf                # reshaping off: exactly grpo.py, step for step
     torchrun --nproc_per_node 8 ecvgpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --r0 10 --delta 0.1 ...  (notes/ecvgpo.md)
 

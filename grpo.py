@@ -1,7 +1,7 @@
 """
 GRPO for vision-language models, in one file.
 
-    python data/shapes/prepare.py && python grpo.py     # tiny Qwen2.5-VL, shapes grounding, CPU, minutes
+    python data/shapes/prepare.py && python grpo.py     # tiny Qwen3-VL, shapes grounding, CPU, minutes
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --lr 1e-6 ...   (notes/grpo.md)
 
 One step of Group Relative Policy Optimisation (DeepSeekMath, Shao et al. 2024) as VLM-R1 and EasyR1 run it:

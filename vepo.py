@@ -1,7 +1,7 @@
 """
 VEPO: Vision-Entropy token selection for Policy Optimization, as a diff against grpo.py.
 
-    python vepo.py                                   # tiny Qwen2.5-VL, shapes reasoning split, CPU
+    python vepo.py                                   # tiny Qwen3-VL, shapes reasoning split, CPU
     python vepo.py --select entropy                  # Top-Entropy baseline (the "80/20" recipe)
     torchrun --nproc_per_node 8 vepo.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   (notes/vepo.md)
 

@@ -1,7 +1,7 @@
 """
 VICRA: Visually-grounded Credit Assignment (seed 003, sections 3.2-3.3, appendices C, H, I, J) on top of GRPO.
 
-    python vicra.py                          # tiny Qwen2.5-VL, shapes reasoning split, CPU
+    python vicra.py                          # tiny Qwen3-VL, shapes reasoning split, CPU
     python vicra.py --distort noise          # appendix I: discard | patch_black | black | noise | blur
     python vicra.py --score kl               # appendix H: KL(pi(.|I,q) || pi(.|q)) instead of the probability gap
     torchrun --nproc_per_node 8 vicra.py --model Qwen/Qwen2.5-VL-7B-Instruct ...   (notes/vicra.md)

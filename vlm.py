@@ -10,8 +10,8 @@ hooks it). `prompt()` builds a chat prompt with or without the image, and
 `to_pixels()` / `from_pixels()` convert boxes between the model's convention and
 pixels of the original image.
 
-`build_tiny()` makes a tiny Qwen2.5-VL fully offline (same class as
-Qwen2.5-VL-3B): a byte-level BPE tokenizer trained on a given corpus (so our
+`build_tiny()` makes a tiny Qwen3-VL or Qwen2.5-VL (`arch=`) fully offline (the same classes as
+the real models): a byte-level BPE tokenizer trained on a given corpus (so our
 fixed prompts are a few tokens, not hundreds of characters) that holds every
 coordinate value as one token, the Qwen special tokens, and a processor with a
 chat template. Everything else in the project only ever calls `load()`.

@@ -152,7 +152,9 @@ def test_lora_trains_adapters_only_starts_at_kl_zero_and_exports_merged(data, tm
 def test_old_pass_skipped_at_mu1_changes_nothing_kept_at_mu2_and_kl_starts_at_zero(data, tmp_path, monkeypatch):
     """bf16 autocast on the CPU, beta 0.04. Teacher-forced forwards under no_grad that score more than one token
     are the old pass's and the reference's (generate scores one token at a time): n per pass."""
-    from transformers import Qwen2_5_VLForConditionalGeneration as Qwen
+    import transformers
+    arch = transformers.AutoConfig.from_pretrained(CKPT).architectures[0]
+    Qwen = getattr(transformers, arch)  # the shipped checkpoint's class (a tiny Qwen3-VL)
     calls, forward = [], Qwen.forward
 
     @functools.wraps(forward)  # generate() validates its arguments against forward's signature
