@@ -27,15 +27,20 @@ def image_inputs(processor, text, size=(100, 130)):
     return processor(text=[vlm.prompt(processor, text)], images=[img], return_tensors="pt")
 
 
-def test_round_trip_gives_identical_logits(tiny):
+def round_trip(tiny, box, model_type):
+    """vlm.load of the saved tiny model: the family record, identical logits; returns the loaded processor."""
     model, processor, path = tiny
     loaded, processor2, fam = vlm.load(path)
-    assert fam["box"] == "resized_px" and fam["model_type"] == "qwen2_5_vl"
+    assert fam["box"] == box and fam["model_type"] == model_type
     inputs = image_inputs(processor2, "the red circle")
     with torch.no_grad():
-        a, b = model(**inputs).logits, loaded.eval()(**inputs).logits
-    assert torch.equal(a, b)
+        assert torch.equal(model(**inputs).logits, loaded.eval()(**inputs).logits)
     assert processor2.tokenizer.padding_side == "left"
+    return processor2
+
+
+def test_round_trip_gives_identical_logits(tiny):
+    round_trip(tiny, "resized_px", "qwen2_5_vl")
 
 
 def test_text_only_and_image_prompts_run_on_one_model(tiny):
@@ -150,13 +155,8 @@ def tiny_q3(tmp_path_factory):
 
 
 def test_tiny_qwen3_vl_round_trips_and_writes_norm1000(tiny_q3):
-    model, processor, path = tiny_q3
-    loaded, processor2, fam = vlm.load(path)
-    assert fam["box"] == "norm1000" and fam["model_type"] == "qwen3_vl"
-    inputs = image_inputs(processor2, "the red circle")
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, loaded.eval()(**inputs).logits)
-    tok = processor2.tokenizer
+    model = tiny_q3[0]
+    tok = round_trip(tiny_q3, "norm1000", "qwen3_vl").tokenizer
     for v in range(1001):  # every norm1000 value, with and without its leading space
         assert len(tok(str(v), add_special_tokens=False)["input_ids"]) == 1
         assert len(tok(f" {v}", add_special_tokens=False)["input_ids"]) == 1
