@@ -3,9 +3,10 @@ Supervised fine-tuning (the "w/ SFT" baseline of ECVGPO table 1), and the way
 the shipped tiny checkpoint is made:
 
     python data/shapes/prepare.py
-    python sft.py                       # tiny Qwen3-VL from scratch -> checkpoints/tiny-shapes (37 min, one thread)
+    python sft.py                       # tiny Qwen3-VL from scratch -> checkpoints/tiny-shapes (~50 min, one thread)
     # the Qwen2.5-VL design of notes/sft.md sections 1-5 (the old checkpoint also had soft labels on every number):
-    python sft.py --tiny_arch qwen2_5_vl --aux_bind 0 --aux_attr 0 --steps 5000 --mix 0.7,0.22,0.08 --curriculum 2000
+    python sft.py --tiny_arch qwen2_5_vl --aux_bind 0 --aux_attr 0 --steps 5000 --mix 0.7,0.22,0.08 --curriculum 2000 \
+        --curriculum_tasks grounding --mix_late ""
 
 Teacher-forced cross-entropy on the answer tokens only, in exactly the answer
 formats the RL scripts reward (prompts and rewards are imported from grpo.py):
@@ -14,7 +15,7 @@ formats the RL scripts reward (prompts and rewards are imported from grpo.py):
   detail     a single word (egg_ground.py's open-ended prompt)
 Three levers make referring learnable on a CPU (SPEC.md probes): a curriculum
 on the number of objects, soft labels on coordinate tokens (a Gaussian over
-neighbouring values), and the tiny template's query-before-image order.
+the neighbouring values a box can take), and the tiny template's query-before-image order.
 Two more make the model bind the query to the image (notes/sft.md, "Sixth
 attempt"): the Qwen3-VL design (vlm.build_tiny(arch="qwen3_vl")), and auxiliary
 heads during SFT only, on the last hidden state of every visual token (which,
@@ -23,7 +24,9 @@ about?" (binary cross-entropy) and "what colour / shape is the object under this
 token?" (cross-entropy). They give the query-to-image matching a dense gradient
 at the visual tokens instead of only through 4 coordinate tokens. The heads are
 plain tensors outside the model, so they are never saved; rows without an
-"objects" list get no auxiliary loss.
+"objects" list get no auxiliary loss. The attribute answers bind last
+("Seventh attempt"): the questions too start on 2-object scenes, and after
+step late_after they get the larger share of batches (mix_late).
 A fraction of examples drop the image (same target) so the model also learns
 the text-only prior p(o | q) that VICRA's score subtracts.
 """
@@ -51,12 +54,16 @@ config = dict(
     data="data/shapes/grounding_train.jsonl,data/shapes/reasoning_train.jsonl,data/shapes/detail_train.jsonl",
     val="data/shapes/grounding_val.jsonl,data/shapes/reasoning_val.jsonl,data/shapes/detail_val.jsonl",
     mix="0.6,0.3,0.1",  # probability of a batch from each data file (notes/sft.md, "Sixth attempt")
+    # the mix from step late_after on (empty: keep mix): once grounding has taken off (run 3 of notes/sft.md:
+    # between steps 1000 and 1500), the questions get the larger share so the answer learns to read the bound object
+    mix_late="0.35,0.55,0.1", late_after=1400,
     out="checkpoints/tiny-shapes",
-    steps=2000, batch_size=16, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
+    steps=2400, batch_size=16, lr=2e-3, warmup=100, weight_decay=0.0, grad_clip=1.0,
     vision_lr=0.1,  # the vision tower's lr as a fraction of lr (see below)
     # only with --model tiny (vlm.build_tiny); rope_theta 0: the arch's default (qwen3_vl 1e4, qwen2_5_vl 3)
     tiny_arch="qwen3_vl", tiny_hidden=192, tiny_layers=3, rope_theta=0.0, mrope_section="",
-    curriculum=1000,  # steps over which grounding scenes ramp from 1 object to all (0: off)
+    curriculum=1000,  # steps over which scenes ramp from the fewest objects to all (scene_cap; 0: off)
+    curriculum_tasks="grounding,reasoning",  # the tasks the curriculum applies to (comma-separated)
     # std of the Gaussian soft label over coordinate values, in pixels of the grounding image (0: one-hot);
     # converted to the family's units: 1.5 px = 1.5 resized_px = 13.4 norm1000 units at 112 px
     soft_sigma=1.5,
@@ -99,10 +106,13 @@ def resized_sizes(processor, batch, with_image):
     return [vlm.resized_size(processor, next(grids)) if w else None for w in with_image]
 
 
-def coordinate_soft_targets(tokenizer, sigma, max_value=1000):
+def coordinate_soft_targets(tokenizer, sigma, max_value=1000, values=None):
     """(ids, weights), both (vocab, K): row t is token t's target distribution. Coordinate tokens get a
     Gaussian over nearby values of the same spelling; every other token is one-hot (itself, weight 1; the
-    padding entries of a row repeat the token with weight 0). One table, so the loss is one gather."""
+    padding entries of a row repeat the token with weight 0). One table, so the loss is one gather.
+    values: the coordinate values the writer can produce (reachable_values); the Gaussian spreads over those
+    only. norm1000 at 112 px writes 113 of the 1001 values: spread over all 1001 at sigma 13 units, no single
+    token is likely (peak ~3%) and a stray word wins the greedy argmax mid-box (notes/sft.md, seventh attempt)."""
     vocab, r = tokenizer.get_vocab(), math.ceil(3 * sigma)
     V = max(len(tokenizer), max(vocab.values()) + 1)
     ids = torch.arange(V)[:, None].repeat(1, 2 * r + 1)
@@ -111,7 +121,7 @@ def coordinate_soft_targets(tokenizer, sigma, max_value=1000):
     for space in ("", "\u0120"):  # byte-level BPE writes a leading space as U+0120
         num = {v: vocab[space + str(v)] for v in range(max_value + 1) if space + str(v) in vocab}
         for v, i in num.items():
-            near = [u for u in range(v - r, v + r + 1) if u in num]
+            near = [u for u in range(v - r, v + r + 1) if u in num and (values is None or u in values or u == v)]
             g = torch.tensor([math.exp(-0.5 * ((u - v) / sigma) ** 2) for u in near])
             ids[i, :len(near)] = torch.tensor([num[u] for u in near])
             w[i] = 0.0
@@ -194,6 +204,20 @@ def sigma_units(sigma_px, fam, width):
     return sigma_px * vlm.from_pixels([0, 0, 100, 100], fam, (width, width), (width, width))[2] / 100
 
 
+def reachable_values(fam, width):
+    """The coordinate values a box on a width x width image can have in the family's convention (integer
+    pixels through vlm.from_pixels: resized_px all of 0..width, norm1000 round(k * 1000 / width))."""
+    return {v for k in range(width + 1) for v in vlm.from_pixels([k, k, k, k], fam, (width, width), (width, width))}
+
+
+def scene_cap(pool, step, curriculum):
+    """Curriculum on scene size (SPEC.md probes): over the first `curriculum` steps the largest number of
+    objects allowed in a batch grows from the pool's smallest to its largest (grounding 1 -> 4, reasoning
+    2 -> 5: the attribute questions are first asked of 2-object scenes, the bind2 task of issue 23)."""
+    lo, hi = min(r["n_objects"] for r in pool), max(r["n_objects"] for r in pool)
+    return lo + int(min(1.0, step / curriculum) * (hi - lo + 0.999))
+
+
 def coordinate_openers(tokenizer):
     """(vocab,) bool: tokens after which a number is a box coordinate ('[' or ','). Soft labels apply only
     there: a count answer ("{3}") and the 2 of "bbox_2d" are number tokens too, and a Gaussian of 13
@@ -269,7 +293,8 @@ if __name__ == "__main__":
     train = [load_rows(p) for p in cfg["data"].split(",")]
     val = [load_rows(p)[:cfg["eval_n"]] for p in cfg["val"].split(",")]
     mix = [float(x) for x in cfg["mix"].split(",")]
-    assert len(mix) == len(train), f"--mix has {len(mix)} weights for {len(train)} data files"
+    mix_late = [float(x) for x in cfg["mix_late"].split(",")] if cfg["mix_late"] else mix
+    assert len(mix) == len(mix_late) == len(train), f"--mix / --mix_late need one weight per data file ({len(train)})"
     if cfg["model"] == "tiny":
         corpus = [prompt_text(r) for rows in train for r in rows[:2000]]
         corpus += [target_of(r, dict(box="resized_px"), (1, 1), (1, 1)) for rows in train for r in rows[:2000]]
@@ -285,7 +310,8 @@ if __name__ == "__main__":
     if cfg["soft_sigma"] > 0:
         W = next((r["width"] for rows in train for r in rows[:1] if r["task"] == "grounding"), 112)
         sigma = sigma_units(cfg["soft_sigma"], fam, W)
-        soft = tuple(t.to(cfg["device"]) for t in coordinate_soft_targets(processor.tokenizer, sigma)
+        soft = tuple(t.to(cfg["device"]) for t in coordinate_soft_targets(processor.tokenizer, sigma,
+                                                                          values=reachable_values(fam, W))
                      + (coordinate_openers(processor.tokenizer),))
         print(f"soft labels: sigma {cfg['soft_sigma']} px = {sigma:.1f} {fam['box']} units")
     heads = None
@@ -310,10 +336,10 @@ if __name__ == "__main__":
         lr = cfg["lr"] * min(1.0, step / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        k = random.choices(range(len(train)), weights=mix)[0]
+        k = random.choices(range(len(train)), weights=mix_late if step > cfg["late_after"] else mix)[0]
         pool = train[k]
-        if pool[0]["task"] == "grounding" and cfg["curriculum"] and "n_objects" in pool[0]:
-            cap = 1 + int(min(1.0, step / cfg["curriculum"]) * 3.999)  # 1 object first, then more distractors
+        if cfg["curriculum"] and pool[0]["task"] in cfg["curriculum_tasks"].split(",") and "n_objects" in pool[0]:
+            cap = scene_cap(pool, step, cfg["curriculum"])  # few objects first, then more distractors
             pool = [r for r in pool if r["n_objects"] <= cap] or pool
         rows = random.sample(pool, min(cfg["batch_size"], len(pool)))
         # grounding keeps its image: its target box needs the image's resized size

@@ -63,7 +63,7 @@ config = dict(
     old_pass=False,  # at mu = 1 pi_old is the policy itself and the old pass is skipped, unless this is set
     loss_agg="seq-mean",  # seq-mean (VLM-R1, TRL) | token-mean (EasyR1, DAPO)
     filter_groups=False,  # DAPO: drop groups whose rewards are all equal
-    steps=60, lr=1e-4, weight_decay=0.0, grad_clip=1.0,  # lr: tiny model; real models use 1e-6
+    steps=60, lr=1e-5, weight_decay=0.0, grad_clip=1.0,  # lr: tiny model (1e-4 undoes its grounding; notes/grpo.md); real: 1e-6
     gradient_checkpointing=False,
     eval_every=20, val_n=100, save_every=20, resume=False, seed=0, wandb=False, wandb_project="vlm-entropy-rl",
     device="cuda" if torch.cuda.is_available() else "cpu",

@@ -45,7 +45,7 @@ def train(a, script, name, *flags):
     Reuses a finished run of the identical command and checkpoint (cmd.json) instead of training again."""
     out = os.path.join(a.out, name)
     cmd = [sys.executable, os.path.join(ROOT, script), "--model", a.ckpt, "--threads", str(a.threads),
-           "--out_dir", out, *map(str, flags)]
+           "--out_dir", out, *map(str, flags), *(["--lr", str(a.lr)] if a.lr else [])]
     log_path, cmd_path = os.path.join(out, "log.jsonl"), os.path.join(out, "cmd.json")
     weights = os.path.join(a.ckpt, "model.safetensors")  # a new checkpoint at the same path is not reused
     key = dict(cmd=cmd, ckpt_mtime=os.path.getmtime(weights) if os.path.exists(weights) else None)
@@ -372,6 +372,7 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, help="rows measured (default: vicra 200, vepo 64, egg 0 = all 100)")
     p.add_argument("--shapes", default="data/shapes", help="folder of the shapes jsonl splits")
     p.add_argument("--out", default="runs/remeasure")
+    p.add_argument("--lr", type=float, default=0.0, help="passed to every training run (0: the scripts' default)")
     a = p.parse_args()
     fn, seeds, steps, n = COMMANDS[a.command]
     a.seeds, a.steps, a.n = a.seeds or seeds, steps if a.steps is None else a.steps, n if a.n is None else a.n

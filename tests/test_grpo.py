@@ -365,20 +365,45 @@ def test_ddp_two_ranks_equals_one_process(tiny, shapes, tmp_path):
     assert [r["reward"] for r in logs[0]] == [r["reward"] for r in logs[1]]
 
 
+def expected_reward(path, rows, n, seed):
+    """Mean total / IoU reward of n samples (T = 1, the rollout's sampler) per prompt of rows, under a fixed seed."""
+    model, processor, fam = vlm.load(path)
+    images = [grpo.load_image(r) for r in rows]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        inputs, _, _, texts = grpo.rollout(model.eval(), processor, rows, images, n, 64, 1.0)
+    sizes = vlm.seen_sizes(processor, fam, inputs)
+    got = [grpo.reward(rows[i // n], t, fam, images[i // n].size, sizes[i]) for i, t in enumerate(texts)]
+    return sum(g[0] for g in got) / len(got), sum(g[2] for g in got) / len(got)
+
+
+def reward_before_after(path, shapes, out, seed, steps=10, n=32, lr=1e-4):
+    """GRPO (defaults: 8 samples per prompt, beta 0.04) for `steps` steps on a fixed set of 4 prompts
+    (the first 4 rows with 2+ objects: every step sees all of them), then the expected reward on those prompts
+    before and after, each from n samples per prompt under the same sampling seed."""
+    rows = [r for r in grpo.load_rows(os.path.join(shapes, "grounding_train.jsonl")) if r["n_objects"] >= 2][:4]
+    os.makedirs(out, exist_ok=True)
+    data = os.path.join(out, "four.jsonl")
+    with open(data, "w") as f:  # absolute image paths: the rows live outside the shapes folder now
+        f.writelines(json.dumps(dict(r, image=os.path.join(shapes, r["image"]))) + "\n" for r in rows)
+    run(["--model", path, "--data", data, "--steps", str(steps), "--eval_every", "0", "--save_every", "0",
+         "--threads", "1", "--seed", str(seed), "--lr", str(lr), "--out_dir", os.path.join(out, "run")])
+    rows = grpo.load_rows(data)
+    return expected_reward(path, rows, n, 1000 + seed), expected_reward(os.path.join(out, "run"), rows, n, 1000 + seed)
+
+
 @needs_ckpt
-@pytest.mark.xfail(strict=False, reason="held for the first tiny checkpoint, whose samples broke the answer format "
-                   "(+0.31/+0.36/+0.32, seeds 0-2); the current one samples the format already (reward ~1.06 at "
-                   "step 1) and 8 steps move neither format nor IoU: steps 1-3 1.077 -> steps 6-8 1.062; "
-                   "the tiny Qwen3-VL of issue 23 (seed 0): 1.525 -> 1.313")
-def test_a_few_steps_raise_the_mean_reward(tiny, shapes, tmp_path):
-    """Default rollout and loss (4 prompts x 8 samples, lr 1e-4, beta 0.04), seed 0. At temperature 1 the shipped
-    checkpoint breaks its answer format in about half its samples (greedy: never); GRPO repairs that in a few steps.
-    Measured on this 48-row split, steps 1-3 -> steps 6-8 mean reward: seed 0 0.47 -> 0.79, seed 1 0.49 -> 0.84,
-    seed 2 0.46 -> 0.77 (format 0.45 -> ~0.8; the IoU part stays ~0.03 in 8 steps). Margin asserted: 0.2."""
-    out = tmp_path / "run"
-    run(["--model", tiny[0], "--data", os.path.join(shapes, "grounding_train.jsonl"), "--steps", "8", "--eval_every",
-         "0", "--save_every", "0", "--threads", "1", "--out_dir", str(out)])
-    reward = [json.loads(x)["reward"] for x in open(out / "log.jsonl")]
-    first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
-    print(f"mean reward, steps 1-3: {first:.3f}; steps 6-8: {last:.3f}")
-    assert last - first >= 0.2, reward
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="no margin holds across seeds on the shipped checkpoint: 20 steps, expected reward "
+                   "before -> after (IoU part), lr 1e-4: seed 0 1.569 -> 1.597 (0.608 -> 0.644), seed 1 1.611 -> 1.603 "
+                   "(0.626 -> 0.627), seed 2 1.594 -> 1.619 (0.609 -> 0.650); lr 1e-5, seed 0: 1.569 -> 1.592. Sampled "
+                   "boxes carry the soft labels' coordinate spread (IoU ~0.6 at T = 1, greedy Acc@0.5 0.935), and 20 "
+                   "steps x 32 samples barely sharpen it (notes/grpo.md)")
+def test_a_few_steps_raise_the_expected_reward(tiny, shapes, tmp_path):
+    """Policy improvement where it must show first: on the 4 prompts it trains on, 20 GRPO steps (lr 1e-4) should
+    raise the expected reward. (The earlier test compared steps 1-3 with steps 6-8 of a run over changing prompts,
+    where the prompt draw's variance hides any trend.) Asserted: +0.05, the margin we hoped for; see the xfail."""
+    (before, iou_before), (after, iou_after) = reward_before_after(tiny[0], shapes, str(tmp_path), seed=0, steps=20,
+                                                                   lr=1e-4)
+    print(f"expected reward before {before:.3f} (IoU {iou_before:.3f}), after {after:.3f} (IoU {iou_after:.3f})")
+    assert after - before >= 0.05
