@@ -7,6 +7,7 @@ Re-measure every method's claims-table figures on one tiny checkpoint (README "C
     python notes/remeasure.py vepo   [--seeds 0] [--steps 25] [--n 64]
     python notes/remeasure.py egg    [--seeds 0] [--n 0]
     python notes/remeasure.py report                     # every summary.json -> markdown-ready figures
+    # --lr passes a learning rate to every training run (e.g. the old default: ecvgpo --lr 1e-4 --out runs/rm_lr1e-4)
 
 Each subcommand is independent (two can run side by side, one per core) and writes its raw outputs under
 runs/remeasure/<name>/ (one folder per training run: log.jsonl, stdout.txt, the final model) and
