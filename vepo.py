@@ -72,6 +72,7 @@ config = dict(
     loss_agg="seq-mean",  # seq-mean (VLM-R1, TRL) | token-mean (EasyR1, DAPO)
     filter_groups=False,  # DAPO: drop groups whose rewards are all equal
     steps=60, lr=1e-5, weight_decay=0.0, grad_clip=1.0,  # lr: tiny model (1e-4 undoes its grounding; notes/grpo.md); real: 1e-6
+    vision_lr=1.0,  # lr of the vision side (tower + projector: vlm.vision_parameters) as a fraction of lr; 0 freezes it
     gradient_checkpointing=False,
     eval_every=20, val_n=100, save_every=20, resume=False, seed=0, wandb=False, wandb_project="vlm-entropy-rl",
     device="cuda" if torch.cuda.is_available() else "cpu",
@@ -726,6 +727,9 @@ if __name__ == "__main__":
                                      "cpu" if fsdp else device, dtype if lora else torch.float32)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg["vision_lr"] == 0 and not lora:  # (LoRA freezes the whole base already)
+        for p in vlm.vision_parameters(model):
+            p.requires_grad_(False)
     if lora:
         model = add_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_vision"])
     # The frozen initial policy for the KL term; not even loaded when beta == 0. It runs exactly the policy's
@@ -742,8 +746,13 @@ if __name__ == "__main__":
         shard(model, dtype)
         if ref is not None:
             shard(ref, dtype, offload=cfg["ref_offload"] and device.type == "cuda")  # (on a CPU it is there already)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                            weight_decay=cfg["weight_decay"])
+    # Two parameter groups: the vision side at vision_lr x lr, the rest at lr. Ids after shard():
+    # fully_shard swaps each parameter for a sharded one; LoRA: the adapters inside the tower (--lora_vision)
+    vis = {id(p) for p in vlm.vision_parameters(model.get_base_model() if lora else model)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if id(p) not in vis], lr=cfg["lr"]),
+              dict(params=[p for p in params if id(p) in vis], lr=cfg["lr"] * cfg["vision_lr"])]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     step, pos = 0, 0  # optimizer steps done, prompts consumed (the data position)
     if cfg["resume"]:
         st = torch.load(os.path.join(cfg["out_dir"], "state.pt"), weights_only=False)

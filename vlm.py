@@ -149,6 +149,14 @@ def visual_module(model, fam):
     return m
 
 
+def vision_parameters(model):
+    """The vision side's parameters: tower, projector and the like (LLaVA-NeXT's image_newline), i.e. all but the
+    language model's and the output head's (the scripts' --vision_lr group). Every supported family keeps its LM at
+    model.model.language_model. Mllama's cross-attention layers live in the LM, so they are not in this group."""
+    lm = {id(p) for m in (model.model.language_model, model.get_output_embeddings()) for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in lm]
+
+
 # ----------------------------------------------------------------------------
 # The tiny Qwen2.5-VL, built offline
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

@@ -161,6 +161,33 @@ def test_vicra_no_image_and_vepo_perturbed_forwards_change_the_image(families, f
         assert (jsd[m].max() > 0) == (std > 0) and (dH[m].abs().max() > 0) == (std > 0), (noise, std)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_parameters_are_the_image_path(families, family):
+    """--vision_lr's group (vlm.vision_parameters) is the image path, told apart by gradients rather than by
+    names: a forward without the image (VICRA's discard input) reaches none of it, and every parameter that only
+    the image's forward reaches is in it (tower and projector), except Mllama's cross-attention decoder layers,
+    which belong to the language model (without an image they are skipped)."""
+    import vicra
+    model, processor, fam, rows, images = taught(families[family])
+    x, ids, mask, _ = grpo.rollout(model, processor, rows, images, 1, 4, temperature=1.0)
+    xn = vicra.vicra_inputs(processor, rows, images, ids, mask, 1, "discard", x.get("image_grid_thw"), seed=0)
+
+    def reached(inputs):
+        model.zero_grad(set_to_none=True)
+        (grpo.token_logprobs(model, inputs, ids, 1.0)[0] * mask).sum().backward()
+        return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    with_image, without = reached(x), reached(xn)
+    names = {id(p): n for n, p in model.named_parameters()}
+    vis = {names[id(p)] for p in vlm.vision_parameters(model)}
+    assert vis and not vis & without
+    xattn = tuple(f"model.language_model.layers.{i}." for i in getattr(model.config.get_text_config(),
+                                                                      "cross_attention_layers", []))
+    image_only = {n for n in with_image - without if not n.startswith(xattn)}
+    assert image_only and image_only <= vis, sorted(image_only - vis)[:5]
+    assert {names[id(p)] for p in vlm.visual_module(model, fam).parameters()} <= vis  # the projector EGG hooks
+
+
 @pytest.mark.parametrize("script", ["grpo.py", "ecvgpo.py", "vicra.py", "vepo.py"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_steps_change_the_weights(families, family, script, tmp_path, monkeypatch):

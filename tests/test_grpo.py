@@ -365,6 +365,26 @@ def test_ddp_two_ranks_equals_one_process(tiny, shapes, tmp_path):
     assert [r["reward"] for r in logs[0]] == [r["reward"] for r in logs[1]]
 
 
+@needs_ckpt
+def test_vision_lr_scales_the_towers_step_and_zero_freezes_it(tiny, shapes, tmp_path):
+    """AdamW's first step moves every weight with a nonzero gradient by about its group's lr (m / sqrt(v) = sign g),
+    so after one step the vision tower's largest move is vision_lr x the rest's; at vision_lr 0 it does not move."""
+    path = tiny[0]
+    data = ["--model", path, "--data", os.path.join(shapes, "grounding_train.jsonl"), "--steps", "1", "--beta", "0"]
+    init = params(path)
+    moves = {}
+    for frac in ("0.1", "0"):
+        run(data + TINY_RUN + ["--vision_lr", frac, "--out_dir", str(tmp_path / frac)])
+        a = params(tmp_path / frac)
+        vis = max((a[k] - init[k]).abs().max().item() for k in a if ".visual." in k)
+        rest = max((a[k] - init[k]).abs().max().item() for k in a if ".visual." not in k)
+        moves[frac] = vis, rest
+    lr = float(TINY_RUN[TINY_RUN.index("--lr") + 1])
+    assert moves["0.1"][1] == pytest.approx(lr, rel=0.05)  # the rest: one full-lr step
+    assert moves["0.1"][0] == pytest.approx(0.1 * lr, rel=0.05)  # the tower: a tenth of it
+    assert moves["0"][0] == 0.0 and moves["0"][1] == pytest.approx(lr, rel=0.05)
+
+
 def expected_reward(path, rows, n, seed):
     """Mean total / IoU reward of n samples (T = 1, the rollout's sampler) per prompt of rows, under a fixed seed."""
     model, processor, fam = vlm.load(path)
@@ -393,17 +413,13 @@ def reward_before_after(path, shapes, out, seed, steps=10, n=32, lr=1e-4):
 
 
 @needs_ckpt
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="no margin holds across seeds on the shipped checkpoint: 20 steps, expected reward "
-                   "before -> after (IoU part), lr 1e-4: seed 0 1.569 -> 1.597 (0.608 -> 0.644), seed 1 1.611 -> 1.603 "
-                   "(0.626 -> 0.627), seed 2 1.594 -> 1.619 (0.609 -> 0.650); lr 1e-5, seed 0: 1.569 -> 1.592. Sampled "
-                   "boxes carry the soft labels' coordinate spread (IoU ~0.6 at T = 1, greedy Acc@0.5 0.935), and 20 "
-                   "steps x 32 samples barely sharpen it (notes/grpo.md)")
 def test_a_few_steps_raise_the_expected_reward(tiny, shapes, tmp_path):
-    """Policy improvement where it must show first: on the 4 prompts it trains on, 20 GRPO steps (lr 1e-4) should
-    raise the expected reward. (The earlier test compared steps 1-3 with steps 6-8 of a run over changing prompts,
-    where the prompt draw's variance hides any trend.) Asserted: +0.05, the margin we hoped for; see the xfail."""
+    """Policy improvement where it must show first: on the 4 prompts it trains on, 20 GRPO steps (lr 1e-4) raise
+    the expected reward (32 samples per prompt before and after, the same sampling seed). Measured on the shipped
+    checkpoint (notes/grpo.md, section g), before -> after (IoU part): seeds 0-4 +0.058, +0.048, +0.031, +0.074, +0.066 (IoU part +0.058, +0.064, +0.031, +0.059, +0.066);
+    asserted: +0.02. (The previous checkpoint, greedy Acc@0.5 0.935, moved by <= 0.03 and one seed fell: this was an
+    xfail. The earlier 8-step test compared steps 1-3 with 6-8 over changing prompts, where the draw hides a trend.)"""
     (before, iou_before), (after, iou_after) = reward_before_after(tiny[0], shapes, str(tmp_path), seed=0, steps=20,
                                                                    lr=1e-4)
     print(f"expected reward before {before:.3f} (IoU {iou_before:.3f}), after {after:.3f} (IoU {iou_after:.3f})")
-    assert after - before >= 0.05
+    assert after - before >= 0.02
