@@ -15,9 +15,9 @@ runs/remeasure/<name>/summary.json. Training runs are the scripts themselves, th
 folder already holds a finished log of the same command is reused, so an interrupted measurement resumes.
 --shapes points at the shapes data (default data/shapes; e.g. /work/main/data/shapes to avoid regenerating it).
 
-Wall time per subcommand at the defaults, one thread (ESTIMATES, scaled up from --steps 2 smoke runs while two
-other trainings loaded the 2 cores; see each function's docstring): grpo ~15 min, ecvgpo ~15 min, vicra ~10 min,
-vepo ~9 min, egg ~2 min; ~50 min in all. Balanced over two cores: `grpo; vepo; egg` and `ecvgpo; vicra`.
+Wall time at the defaults, one thread per job, measured on the shipped checkpoint (a third job shared the 2 cores):
+grpo 12 min (3 seeds), ecvgpo 13 min, vicra 5 min, vepo 7 min, egg 2 min; `ecvgpo; vicra` and `grpo; vepo; egg`
+side by side took 16 and 20 min.
 """
 import argparse
 import functools
