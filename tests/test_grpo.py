@@ -416,9 +416,10 @@ def reward_before_after(path, shapes, out, seed, steps=10, n=32, lr=1e-4):
 def test_a_few_steps_raise_the_expected_reward(tiny, shapes, tmp_path):
     """Policy improvement where it must show first: on the 4 prompts it trains on, 20 GRPO steps (lr 1e-4) raise
     the expected reward (32 samples per prompt before and after, the same sampling seed). Measured on the shipped
-    checkpoint (notes/grpo.md, section g), before -> after (IoU part): seeds 0-4 +0.058, +0.048, +0.031, +0.074, +0.066 (IoU part +0.058, +0.064, +0.031, +0.059, +0.066);
-    asserted: +0.02. (The previous checkpoint, greedy Acc@0.5 0.935, moved by <= 0.03 and one seed fell: this was an
-    xfail. The earlier 8-step test compared steps 1-3 with 6-8 over changing prompts, where the draw hides a trend.)"""
+    checkpoint (notes/grpo.md, section g), after - before for seeds 0-4: +0.058, +0.048, +0.031, +0.074, +0.066
+    (IoU part +0.058, +0.064, +0.031, +0.059, +0.066); asserted: +0.02. (The previous checkpoint, greedy Acc@0.5
+    0.935, moved by <= 0.03 and one seed fell: this was an xfail. The earlier 8-step test compared steps 1-3 with
+    6-8 over changing prompts, where the draw hides a trend.)"""
     (before, iou_before), (after, iou_after) = reward_before_after(tiny[0], shapes, str(tmp_path), seed=0, steps=20,
                                                                    lr=1e-4)
     print(f"expected reward before {before:.3f} (IoU {iou_before:.3f}), after {after:.3f} (IoU {iou_after:.3f})")
